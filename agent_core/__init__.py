@@ -1,0 +1,1 @@
+"""The daemon, the CLI and the parts that run tasks."""

@@ -1,0 +1,117 @@
+"""The daemon's local control socket: one JSON request per line, one JSON answer per line.
+
+`run/gremlin.sock` is a Unix socket created with mode 0600, so only the daemon's user
+can ask it anything. The CLI uses it to search with the daemon's loaded model and live
+index (milliseconds instead of seconds of model loading) and to read live status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import socketserver
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from config.errors import GremlinError
+
+logger = logging.getLogger(__name__)
+
+SOCKET_NAME = "gremlin.sock"
+MAX_REQUEST_BYTES = 1 << 20
+# sun_path holds 108 bytes on Linux; longer homes use a short path in the temp folder.
+MAX_SOCKET_PATH = 100
+
+
+class DaemonUnavailable(GremlinError):
+    """No daemon answers on this home's control socket."""
+
+
+def socket_path(settings) -> Path:
+    """Where this home's daemon listens."""
+    path = settings.run_dir / SOCKET_NAME
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(os.fsencode(settings.home)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"gremlin-{digest}.sock"
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline(MAX_REQUEST_BYTES)
+        try:
+            request = json.loads(line)
+            op = self.server.ops[request["op"]]
+            answer = {"ok": True, "result": op(**request.get("args", {}))}
+        except KeyError as exc:
+            answer = {"ok": False, "error": f"unknown or malformed request: missing {exc}"}
+        except (ValueError, TypeError) as exc:
+            answer = {"ok": False, "error": f"bad request: {exc}"}
+        except GremlinError as exc:
+            answer = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a failing request must not stop the server
+            logger.exception("control request failed")
+            answer = {"ok": False, "error": f"internal error: {exc}"}
+        self.wfile.write(json.dumps(answer, default=str).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+
+class ControlServer:
+    """Serves named operations (`status`, `search`, ...) on the control socket."""
+
+    def __init__(self, settings, ops: dict[str, Callable[..., object]]):
+        self.path = socket_path(settings)
+        self.path.unlink(missing_ok=True)  # left by a crashed daemon; we hold the lock
+        old_umask = os.umask(0o177)
+        try:
+            self._server = _Server(str(self.path), _Handler)
+        finally:
+            os.umask(old_umask)
+        self._server.ops = ops
+        self._thread = threading.Thread(target=self._server.serve_forever, name="gremlin-control",
+                                        kwargs={"poll_interval": 0.5}, daemon=True)
+
+    def start(self) -> None:
+        """Answer requests in a background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop answering and remove the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self.path.unlink(missing_ok=True)
+
+
+def request(settings, op: str, timeout: float = 30.0, **args) -> object:
+    """Ask the running daemon; raises DaemonUnavailable when none answers."""
+    path = socket_path(settings)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise DaemonUnavailable(f"no daemon is listening on {path}") from exc
+    except OSError as exc:
+        raise DaemonUnavailable(f"the daemon on {path} did not answer: {exc}") from exc
+    try:
+        answer = json.loads(data)
+    except ValueError as exc:
+        raise DaemonUnavailable(f"the daemon on {path} sent a malformed answer") from exc
+    if not answer.get("ok"):
+        raise GremlinError(f"daemon: {answer.get('error')}")
+    return answer["result"]

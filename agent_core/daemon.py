@@ -1,0 +1,187 @@
+"""Start and stop everything: lock, store, model, memory, watcher, control socket.
+
+Signals only set a flag. The main thread waits on it, saving the index now and then;
+on stop it tells systemd `STOPPING=1`, closes the control socket, lets the watcher
+record every pending change, saves the index, closes the database and exits 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from agent_core.control import ControlServer
+from config.errors import GremlinError
+from config.settings import notify_socket
+from memory.service import Memory
+from memory.store import Store, utc_now
+from memory.vector_store.embedder import Embedder
+from self_mutation_watcher.watcher import Watcher
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "gremlin.pid"
+RECENT_EVENTS = 5
+
+
+class AlreadyRunning(GremlinError):
+    """Another daemon holds this home's lock."""
+
+
+def lock_path(settings) -> Path:
+    """The lock file that also holds the running daemon's pid."""
+    return settings.run_dir / LOCK_NAME
+
+
+class PidLock:
+    """An exclusive flock on `run/gremlin.pid`; released by the kernel if the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._handle = None
+
+    def acquire(self) -> None:
+        """Take the lock and write our pid, or raise AlreadyRunning naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="ascii")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "?"
+            handle.close()
+            raise AlreadyRunning(
+                f"a Gremlin daemon (pid {pid}) is already running on this home ({self.path.parent.parent}); "
+                f"stop it first (kill {pid}), or start this one with another --home") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        """Empty the pid file and drop the lock."""
+        if self._handle:
+            self._handle.truncate(0)
+            self._handle.close()
+            self._handle = None
+
+
+def running_pid(settings) -> int | None:
+    """The pid of the daemon holding this home's lock, or None when none runs."""
+    path = lock_path(settings)
+    try:
+        handle = open(path, encoding="ascii")
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+def sd_notify(message: str) -> bool:
+    """Send a notification to systemd when run as a Type=notify service."""
+    address = notify_socket()
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as exc:
+        logger.warning("systemd notification failed", extra={"error": str(exc)})
+        return False
+
+
+class Daemon:
+    """One daemon process on one home."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.state = "starting"
+        self.started = utc_now()
+        self._stop = threading.Event()
+        self._signals = 0
+        self.store: Store | None = None
+        self.memory: Memory | None = None
+        self.watcher: Watcher | None = None
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """Signal handler: ask the main loop to stop; a second signal forces an exit."""
+        self._signals += 1
+        if self._signals > 1:
+            raise SystemExit(128 + (signum or signal.SIGINT))
+        logger.info("stop requested", extra={"signal": signum})
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start everything, serve until stopped, shut down cleanly; returns the exit code."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        with ExitStack() as stack:
+            lock = PidLock(lock_path(self.settings))
+            lock.acquire()
+            stack.callback(lock.release)
+            self._start(stack)
+            if not self._stop.is_set():
+                self.state = "ready"
+                sd_notify(f"READY=1\nSTATUS=watching {len(self.watcher.roots)} roots")
+                logger.info("daemon ready", extra={"pid": os.getpid(),
+                                                   "roots": [str(r) for r in self.watcher.roots]})
+            while not self._stop.wait(1.0):
+                self.memory.save_index()
+            self.state = "stopping"
+            sd_notify("STOPPING=1")
+            logger.info("daemon stopping")
+        logger.info("daemon stopped")
+        return 0
+
+    def _start(self, stack: ExitStack) -> None:
+        s = self.settings
+        t0 = time.monotonic()
+        self.store = Store(s.memory.db, s.memory.synchronous)
+        stack.callback(self.store.close)
+        embedder = Embedder.from_settings(s)
+        self.memory = Memory(s, self.store, embedder)
+        stack.callback(self.memory.save_index, force=True)
+        logger.info("model and index ready", extra={"model_id": embedder.model_id,
+                                                    "index_size": self.memory.index.ntotal,
+                                                    "seconds": round(time.monotonic() - t0, 2)})
+        self.memory.catch_up()
+        self.watcher = Watcher(s, self.store, self.memory.ingest)
+        self.watcher.start()
+        stack.callback(self.watcher.stop)
+        control = ControlServer(s, {"status": self.status, "search": self.search})
+        control.start()
+        stack.callback(control.stop)
+
+    def search(self, query: str, k: int = 10, kind: str | None = None) -> list[dict]:
+        """Control op: search memory with the loaded model and live index."""
+        return [hit.to_dict() for hit in self.memory.search(query, int(k), kind)]
+
+    def status(self) -> dict:
+        """Control op: live state for `gremlin status`."""
+        w = self.watcher
+        return {
+            "running": True, "pid": os.getpid(), "state": self.state, "started": self.started,
+            "home": str(self.settings.home), "roots": [str(r) for r in w.roots],
+            "pending": w.pending, "watcher": {"events": w.stats.events, "checked": w.stats.checked,
+                                              "errors": w.stats.errors, "last_error": w.stats.last_error},
+            "counts": self.store.counts(), **self.memory.describe(),
+            "recent_events": self.store.recent_events(RECENT_EVENTS),
+        }

@@ -1,0 +1,83 @@
+"""Log handlers, configured only here (by the CLI and the daemon).
+
+`data/logs/system/gremlin.log` gets one JSON object per line (rotating);
+`data/logs/system/bootstrap.log` gets the audit trail, one line per stored mutation;
+the terminal gets short `message key=value` lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+AUDIT_LOGGER = "gremlin.audit"
+
+
+def _extras(record: logging.LogRecord) -> dict:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, msg, extras, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname, "logger": record.name, "msg": record.getMessage(),
+               **_extras(record)}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`HH:MM:SS LEVEL message key=value ...` for a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        pairs = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        line = f"{stamp} {record.levelname:<7} {record.getMessage()} {pairs}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(settings, console: bool = True, files: bool = True) -> Path:
+    """Install the handlers for this process; returns the system log folder."""
+    system = Path(settings.logging.dir) / "system"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(settings.logging.level)
+    for noisy in ("watchdog", "sentence_transformers", "transformers", "urllib3", "filelock", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if files:
+        system.mkdir(parents=True, exist_ok=True)
+        root.addHandler(_rotating(system / "gremlin.log", settings, JsonFormatter()))
+        audit = logging.getLogger(AUDIT_LOGGER)
+        audit.propagate = False
+        audit.setLevel(logging.INFO)
+        for handler in list(audit.handlers):
+            audit.removeHandler(handler)
+            handler.close()
+        audit.addHandler(_rotating(system / "bootstrap.log", settings, JsonFormatter()))
+    if console:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(ConsoleFormatter())
+        root.addHandler(handler)
+    logging.captureWarnings(True)
+    return system
+
+
+def _rotating(path: Path, settings, formatter: logging.Formatter) -> logging.Handler:
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=settings.logging.max_bytes, backupCount=settings.logging.backup_count,
+        encoding="utf-8")
+    handler.setFormatter(formatter)
+    return handler

@@ -1,0 +1,277 @@
+"""Load `config/gremlin.toml` into one frozen dataclass tree and validate it.
+
+Every error names the file, the key and what to do. Environment variables are read
+here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `XDG_DATA_HOME`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.errors import ConfigError
+
+CONFIG_NAME = "gremlin.toml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = Path(__file__).resolve().parent / CONFIG_NAME
+# The fixed top-level source packages (DESIGN.md); `watch.own_source` watches those present.
+SOURCE_PACKAGES = ("config", "memory", "self_mutation_watcher", "self_training", "agents",
+                   "agent_core", "tools", "dashboard")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Version control, caches, editor temp files and likely secrets (kept out of memory).
+DEFAULT_EXCLUDE = (
+    ".git/", ".hg/", ".svn/", "__pycache__/", "*.pyc", ".venv/", "venv/", "node_modules/",
+    ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/",
+    "*.swp", "*.swx", "*.swo", "*~", ".#*", "4913", "*___jb_tmp___", "*___jb_old___",
+    ".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", ".netrc", ".pgpass",
+    "credentials", "credentials.json", ".git-credentials",
+)
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """What to watch and how changes are batched."""
+
+    roots: tuple[Path, ...] = (Path("data/logs"),)
+    own_source: bool = True
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    log_globs: tuple[str, ...] = ("*.log",)
+    debounce_ms: int = 200
+    max_wait_ms: int = 2000
+    max_file_bytes: int = 1_048_576
+    max_diff_bytes: int = 262_144
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which embedding model and how it encodes."""
+
+    path: str = ""
+    device: str = "auto"
+    batch_size: int = 32
+    max_seq_length: int = 256
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """Where memory lives on disk."""
+
+    db: Path = Path("data/gremlin.db")
+    index_dir: Path = Path("data/memory")
+    shadow_dir: Path = Path("data/shadow")
+    synchronous: str = "NORMAL"
+    index_save_interval_s: float = 5.0
+    memory_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Log files and their rotation."""
+
+    dir: Path = Path("data/logs")
+    level: str = "INFO"
+    max_bytes: int = 10_485_760
+    backup_count: int = 5
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """Where the local dashboard listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+
+
+SECTIONS: dict[str, type] = {
+    "watch": WatchSettings,
+    "model": ModelSettings,
+    "memory": MemorySettings,
+    "logging": LoggingSettings,
+    "dashboard": DashboardSettings,
+}
+# Allowed values and lower bounds, checked after types: (section, key) -> rule.
+CHOICES = {
+    ("model", "device"): ("auto", "cpu", "cuda"),
+    ("memory", "synchronous"): ("NORMAL", "FULL"),
+    ("logging", "level"): LOG_LEVELS,
+}
+MINIMUMS = {
+    ("watch", "debounce_ms"): 0, ("watch", "max_wait_ms"): 0,
+    ("watch", "max_file_bytes"): 1, ("watch", "max_diff_bytes"): 1,
+    ("model", "batch_size"): 1, ("model", "max_seq_length"): 8,
+    ("memory", "index_save_interval_s"): 0, ("memory", "memory_chars"): 64,
+    ("logging", "max_bytes"): 1024, ("logging", "backup_count"): 0,
+    ("dashboard", "port"): 1,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration of one home."""
+
+    home: Path
+    config_file: Path
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+
+    @property
+    def run_dir(self) -> Path:
+        """Runtime state: lock, socket, checkpoints."""
+        return self.home / "run"
+
+    @property
+    def data_dir(self) -> Path:
+        """Durable state: database, indexes, shadow copies, logs."""
+        return self.home / "data"
+
+    @property
+    def watch_roots(self) -> tuple[Path, ...]:
+        """Configured roots plus Gremlin's own source packages when `own_source` is on."""
+        roots = list(self.watch.roots)
+        if self.watch.own_source:
+            roots += [p for p in own_source_roots() if p not in roots]
+        return tuple(roots)
+
+    def with_extra_roots(self, paths: typing.Iterable[Path]) -> Settings:
+        """A copy that also watches `paths` (the daemon's `--watch`)."""
+        extra = (Path(p).expanduser().resolve() for p in paths)
+        roots = tuple(dict.fromkeys((*self.watch.roots, *extra)))
+        return dataclasses.replace(self, watch=dataclasses.replace(self.watch, roots=roots))
+
+
+def own_source_roots() -> list[Path]:
+    """Gremlin's own source package folders that exist in this installation."""
+    return [REPO_ROOT / name for name in SOURCE_PACKAGES if (REPO_ROOT / name / "__init__.py").is_file()]
+
+
+def default_home() -> Path:
+    """`GREMLIN_HOME`, else the repository when run from a checkout, else the XDG data dir."""
+    env = os.environ.get("GREMLIN_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "config" / CONFIG_NAME).is_file():
+        return REPO_ROOT
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "gremlin"
+
+
+def notify_socket() -> str | None:
+    """The systemd notification socket, when run as a `Type=notify` service."""
+    return os.environ.get("NOTIFY_SOCKET") or None
+
+
+def init_home(home: Path) -> Path:
+    """Create a home with a copy of the default config and empty run/ and data/; return its config."""
+    home = Path(home).expanduser().resolve()
+    target = home / "config" / CONFIG_NAME
+    for sub in ("config", "run", "data"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        shutil.copyfile(DEFAULT_CONFIG, target)
+    return target
+
+
+def load_settings(home: Path | str | None = None) -> Settings:
+    """Read and validate `<home>/config/gremlin.toml`; raise ConfigError naming the key."""
+    home = Path(home).expanduser().resolve() if home else default_home()
+    config_file = home / "config" / CONFIG_NAME
+    if not config_file.is_file():
+        raise ConfigError(f"no Gremlin home at {home} (missing {config_file}); "
+                          f"create one with: gremlin init {home}")
+    try:
+        raw = tomllib.loads(config_file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_file}: invalid TOML: {exc}; fix the syntax") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_file}: cannot read: {exc}") from exc
+    return parse_settings(raw, home, config_file)
+
+
+def parse_settings(raw: dict, home: Path, config_file: Path) -> Settings:
+    """Turn a parsed TOML document into Settings; unknown or mistyped keys raise ConfigError."""
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{config_file}: unknown section [{name}]; "
+                              f"valid sections are {', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{config_file}: [{name}] must be a table of keys")
+    sections = {name: _parse_section(name, raw.get(name, {}), home, config_file)
+                for name in SECTIONS}
+    return Settings(home=home, config_file=config_file, **sections)
+
+
+def _parse_section(name: str, values: dict, home: Path, config_file: Path):
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{config_file}: unknown key '{key}' in [{name}]; "
+                              f"valid keys are {', '.join(hints)}")
+        where = f"{config_file}: [{name}] {key}"
+        kwargs[key] = _convert(value, hints[key], home, where)
+        _check_rules(name, key, kwargs[key], where)
+    return _resolve_paths(cls(**kwargs), home)
+
+
+def _convert(value, hint, home: Path, where: str):
+    """Check `value` against the annotation `hint` and convert TOML values to it."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {_type_name(item)} (got {value!r})")
+        return tuple(_convert(v, item, home, where + " item") for v in value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:  # str and Path
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where} must be {_type_name(hint)} (got {value!r}); "
+                          "fix the value or delete the line to use the default")
+    return Path(value) if hint is Path else value
+
+
+def _type_name(hint) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a path string"}.get(hint, str(hint))
+
+
+def _check_rules(section: str, key: str, value, where: str) -> None:
+    choices = CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)} (got {value!r})")
+    minimum = MINIMUMS.get((section, key))
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where} must be at least {minimum} (got {value!r})")
+
+
+def _resolve_paths(obj, home: Path):
+    """Make every relative Path field absolute against the home."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Path):
+            changes[f.name] = _absolute(value, home)
+        elif isinstance(value, tuple) and value and isinstance(value[0], Path):
+            changes[f.name] = tuple(_absolute(v, home) for v in value)
+    return dataclasses.replace(obj, **changes)
+
+
+def _absolute(path: Path, home: Path) -> Path:
+    path = path.expanduser()
+    return (path if path.is_absolute() else home / path).resolve()

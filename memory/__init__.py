@@ -1,0 +1,1 @@
+"""Vector memory: the SQLite store, the embedder and the FAISS index."""

@@ -1,0 +1,43 @@
+"""Atomic file writes: temp file beside the target, fsync, os.replace, fsync the folder.
+
+A reader sees the old file or the new one, never half of either, and the switch survives
+a crash (DESIGN.md, "Atomic switches").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_bytes_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Replace `path` with `data` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomically(path: Path, obj) -> None:
+    """Replace `path` with `obj` as indented JSON."""
+    write_bytes_atomically(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,134 @@
+"""Memory as one object: durable rows in SQLite, vectors from the embedder, FAISS search.
+
+Order for every new memory: its row is already committed (by `Store.record_events`);
+here it is encoded, its vector committed to the `vectors` table, then added to the
+in-memory index. The index file is saved on an interval, so a crash costs at most a
+rebuild from the `vectors` table, and a memory whose vector never got written is found
+by `catch_up` on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from memory.store import StoredEvent, Store
+from memory.vector_store.embedder import Embedder
+from memory.vector_store.index import VectorIndex, index_path
+
+logger = logging.getLogger(__name__)
+audit = logging.getLogger("gremlin.audit")
+
+PREVIEW_LINES = 3
+PREVIEW_CHARS = 160
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result."""
+
+    id: int
+    score: float
+    kind: str
+    change: str | None
+    path: str | None
+    label: str | None
+    time: str
+    preview: str
+    event_id: int | None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+class Memory:
+    """The store, the embedder and the current model's index, used together."""
+
+    def __init__(self, settings, store: Store, embedder: Embedder):
+        self.settings = settings
+        self.store = store
+        self.embedder = embedder
+        self.index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
+        self._last_save = time.monotonic()
+        if not store.readonly:
+            store.register_model(embedder.model_id, str(embedder.path), "current",
+                                 {"source": "base", "base_model": embedder.model_id})
+
+    @property
+    def model_id(self) -> str:
+        """Id of the model whose vectors this memory searches."""
+        return self.embedder.model_id
+
+    def ingest(self, stored: Sequence[StoredEvent]) -> int:
+        """Embed and index the memories of freshly committed events; return how many."""
+        pairs = [(s.memory_id, s.event.memory_text or "") for s in stored if s.memory_id is not None]
+        for s in stored:
+            audit.info("stored", extra={"event_id": s.event_id, "memory_id": s.memory_id,
+                                        "change": s.event.kind, "path": s.event.path,
+                                        "sha": s.event.new_sha or s.event.old_sha})
+        return self.embed_memories(pairs)
+
+    def embed_memories(self, pairs: Sequence[tuple[int, str]]) -> int:
+        """Encode (id, text) pairs, commit their vectors, then add them to the index."""
+        if not pairs:
+            return 0
+        ids = np.array([p[0] for p in pairs], dtype=np.int64)
+        vectors = self.embedder.encode([p[1] for p in pairs])
+        self.store.add_vectors(self.model_id, ids, vectors)
+        self.index.add(ids, vectors)
+        return len(ids)
+
+    def catch_up(self, batch: int = 256, progress: Callable[[int], None] | None = None) -> int:
+        """Embed every memory that has no vector for the current model (after a crash)."""
+        done = 0
+        while pairs := self.store.memories_without_vector(self.model_id, batch):
+            done += self.embed_memories(pairs)
+            if progress:
+                progress(done)
+        if done:
+            logger.info("embedded memories that had no vector", extra={"count": done})
+        return done
+
+    def search(self, query: str, k: int = 10, kind: str | None = None) -> list[SearchHit]:
+        """The k memories nearest to `query`, optionally of one kind, best first."""
+        allowed = self.store.memory_ids(kind) if kind else None
+        found = self.index.search(self.embedder.encode([query])[0], k, allowed)
+        rows = self.store.get_memories([i for i, _ in found])
+        return [_hit(rows[i], score) for i, score in found if i in rows]
+
+    def save_index(self, force: bool = False, now: float | None = None) -> bool:
+        """Write the index file when it changed and the save interval has passed."""
+        now = time.monotonic() if now is None else now
+        due = now - self._last_save >= self.settings.memory.index_save_interval_s
+        if not self.index.dirty or not (force or due) or self.store.readonly:
+            return False
+        self.index.save()
+        self._last_save = now
+        return True
+
+    def describe(self) -> dict:
+        """Model and index facts for `gremlin status`."""
+        path = index_path(self.settings.memory.index_dir, self.model_id)
+        return {"model_id": self.model_id, "model_path": str(self.embedder.path),
+                "device": self.embedder.device, "index_size": self.index.ntotal,
+                "index_file": str(path), "index_saved": path.exists()}
+
+
+def _hit(row: dict, score: float) -> SearchHit:
+    meta = row["meta"]
+    return SearchHit(id=row["id"], score=round(score, 4), kind=row["kind"], change=row.get("change"),
+                     path=meta.get("path"), label=meta.get("label"), time=row["created"], preview=make_preview(row["text"]),
+                     event_id=row["event_id"])
+
+
+def make_preview(text: str, lines: int = PREVIEW_LINES) -> str:
+    """The first changed lines of a diff memory (or its first lines), shortened."""
+    body = text.splitlines()[1:]
+    changed = [line for line in body if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    picked = (changed or [line for line in body if line.strip()] or text.splitlines())[:lines]
+    return "\n".join(line[:PREVIEW_CHARS] for line in picked)

@@ -1,0 +1,390 @@
+"""The one owner of Gremlin's SQLite schema and of every SQL statement.
+
+WAL journal, one writer connection guarded by a lock, write transactions opened with
+`BEGIN IMMEDIATE`, migrations numbered by `PRAGMA user_version`. Other packages call the
+functions here; no SQL lives anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from memory.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+# Each entry moves the schema from version i to i + 1; never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        path TEXT NOT NULL,
+        root TEXT NOT NULL,
+        old_sha TEXT,
+        new_sha TEXT,
+        size INTEGER,
+        diff TEXT,
+        meta TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_path ON events(path, id);
+    CREATE TABLE memories (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        text TEXT NOT NULL,
+        meta TEXT NOT NULL DEFAULT '{}',
+        replaceable INTEGER NOT NULL DEFAULT 1,
+        created TEXT NOT NULL,
+        event_id INTEGER REFERENCES events(id)
+    );
+    CREATE INDEX memories_kind ON memories(kind, id);
+    CREATE TABLE vectors (
+        model_id TEXT NOT NULL,
+        memory_id INTEGER NOT NULL REFERENCES memories(id) ON DELETE CASCADE,
+        vec BLOB NOT NULL,
+        PRIMARY KEY (model_id, memory_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE files (
+        path TEXT PRIMARY KEY,
+        root TEXT NOT NULL,
+        sha TEXT,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        updated TEXT NOT NULL
+    );
+    CREATE TABLE roots (
+        path TEXT PRIMARY KEY,
+        baselined TEXT NOT NULL
+    );
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY,
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL DEFAULT 'queued'
+            CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        created TEXT NOT NULL,
+        started TEXT,
+        finished TEXT,
+        claimed_by INTEGER,
+        result TEXT,
+        error TEXT
+    );
+    CREATE INDEX tasks_state ON tasks(state, id);
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        trigger TEXT NOT NULL DEFAULT '{}',
+        spec TEXT NOT NULL DEFAULT '{}',
+        metrics TEXT NOT NULL DEFAULT '{}',
+        started TEXT NOT NULL,
+        finished TEXT,
+        error TEXT
+    );
+    CREATE TABLE models (
+        id TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        created TEXT NOT NULL,
+        status TEXT NOT NULL,
+        lineage TEXT NOT NULL DEFAULT '{}'
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+BUSY_TIMEOUT_MS = 10_000
+
+
+def utc_now(now: datetime | None = None) -> str:
+    """ISO-8601 UTC timestamp with milliseconds."""
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What Gremlin last saw of one watched file (sha is None when not hashed)."""
+
+    path: str
+    root: str
+    sha: str | None
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """One change to record: the event, the memory it becomes, the file's new state."""
+
+    kind: str
+    path: str
+    root: str
+    time: str
+    state: FileState | None  # None: the file is gone
+    old_sha: str | None = None
+    new_sha: str | None = None
+    size: int | None = None
+    diff: str | None = None
+    meta: dict = field(default_factory=dict)
+    memory_kind: str | None = None
+    memory_text: str | None = None
+    memory_meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """Ids given to a recorded NewEvent; memory_id is None when it made no memory."""
+
+    event_id: int
+    memory_id: int | None
+    event: NewEvent
+
+
+class Store:
+    """A connection to the Gremlin database; the writer migrates, readers may be read-only."""
+
+    def __init__(self, path: Path, synchronous: str = "NORMAL", readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        self._conn = self._connect(synchronous)
+        if not readonly:
+            self._migrate()
+
+    def _connect(self, synchronous: str) -> sqlite3.Connection:
+        try:
+            if self.readonly:
+                if not self.path.exists():
+                    raise StoreError(f"no database at {self.path}; start the daemon once to create it")
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                       check_same_thread=False, isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema version {version}, newer than this "
+                                 f"Gremlin ({SCHEMA_VERSION}); upgrade Gremlin")
+            for number in range(version, SCHEMA_VERSION):
+                with self.transaction() as conn:
+                    for statement in _split_sql(MIGRATIONS[number]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={number + 1}")
+                logger.info("database migrated", extra={"db": str(self.path), "version": number + 1})
+
+    def close(self) -> None:
+        """Close the connection (the WAL is checkpointed by SQLite on the last close)."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction started with BEGIN IMMEDIATE; commits or rolls back."""
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only")
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # -- events and memories ---------------------------------------------------------
+
+    def record_events(self, events: Sequence[NewEvent]) -> list[StoredEvent]:
+        """Commit events, their memories and the files' new states in one transaction."""
+        stored = []
+        with self.transaction() as conn:
+            for ev in events:
+                event_id = conn.execute(
+                    "INSERT INTO events (time, kind, path, root, old_sha, new_sha, size, diff, meta)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (ev.time, ev.kind, ev.path, ev.root, ev.old_sha, ev.new_sha, ev.size,
+                     ev.diff, json.dumps(ev.meta)),
+                ).lastrowid
+                memory_id = None
+                if ev.memory_kind:
+                    memory_id = _insert_memory(conn, ev.memory_kind, ev.memory_text or "",
+                                               ev.memory_meta, ev.time, event_id)
+                _write_file_state(conn, ev.path, ev.state, ev.time)
+                stored.append(StoredEvent(event_id, memory_id, ev))
+        return stored
+
+    def add_memory(self, kind: str, text: str, meta: dict | None = None,
+                   replaceable: bool = True, now: datetime | None = None) -> int:
+        """Store a memory that has no file event behind it (a task, a retrain result)."""
+        with self.transaction() as conn:
+            return _insert_memory(conn, kind, text, meta or {}, utc_now(now), None, replaceable)
+
+    def get_memories(self, ids: Sequence[int]) -> dict[int, dict]:
+        """Memories by id, with their event's time and kind; missing ids are left out."""
+        rows = []
+        for chunk in _chunks(list(ids), 500):
+            marks = ",".join("?" * len(chunk))
+            rows += self._query(
+                "SELECT m.id, m.kind, m.text, m.meta, m.replaceable, m.created, m.event_id,"
+                " e.kind AS change FROM memories m LEFT JOIN events e ON e.id = m.event_id"
+                f" WHERE m.id IN ({marks})", chunk)
+        return {row["id"]: _memory_dict(row) for row in rows}
+
+    def memory_ids(self, kind: str | None = None) -> np.ndarray:
+        """Ids of all memories, or of one kind, as int64."""
+        sql, params = "SELECT id FROM memories", ()
+        if kind:
+            sql, params = sql + " WHERE kind = ?", (kind,)
+        return np.array([r[0] for r in self._query(sql, params)], dtype=np.int64)
+
+    def recent_events(self, limit: int = 10) -> list[dict]:
+        """The newest events, newest first, without their diff text."""
+        rows = self._query("SELECT id, time, kind, path, size, meta FROM events"
+                           " ORDER BY id DESC LIMIT ?", (limit,))
+        return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
+
+    def events_for_path(self, path: str) -> list[dict]:
+        """Every event of one path, oldest first."""
+        rows = self._query("SELECT id, time, kind, path, old_sha, new_sha, size, diff, meta"
+                           " FROM events WHERE path = ? ORDER BY id", (path,))
+        return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of the main tables."""
+        tables = ("events", "memories", "vectors", "files", "tasks", "runs", "models")
+        return {t: self._query(f"SELECT count(*) FROM {t}")[0][0] for t in tables}
+
+    # -- watched files ---------------------------------------------------------------
+
+    def file_state(self, path: str) -> FileState | None:
+        """The last recorded state of one file."""
+        rows = self._query("SELECT path, root, sha, size, mtime_ns FROM files WHERE path = ?", (path,))
+        return FileState(**dict(rows[0])) if rows else None
+
+    def file_states_under(self, directory: str) -> dict[str, FileState]:
+        """Recorded states of every file inside `directory` (a path prefix ending at a '/')."""
+        prefix = directory.rstrip("/") + "/"
+        rows = self._query("SELECT path, root, sha, size, mtime_ns FROM files"
+                           " WHERE path >= ? AND path < ?", (prefix, prefix[:-1] + "0"))
+        return {r["path"]: FileState(**dict(r)) for r in rows}
+
+    def save_file_states(self, states: Iterable[FileState], now: datetime | None = None) -> None:
+        """Record file states that produce no event (a baseline, a touched-only file)."""
+        stamp = utc_now(now)
+        with self.transaction() as conn:
+            for state in states:
+                _write_file_state(conn, state.path, state, stamp)
+
+    def root_baselined(self, root: str) -> bool:
+        """Whether this root's files were recorded once (later starts reconcile against them)."""
+        return bool(self._query("SELECT 1 FROM roots WHERE path = ?", (root,)))
+
+    def mark_root_baselined(self, root: str, now: datetime | None = None) -> None:
+        """Remember that a root's first full scan is complete."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO roots (path, baselined) VALUES (?, ?)", (root, utc_now(now)))
+
+    # -- vectors ---------------------------------------------------------------------
+
+    def add_vectors(self, model_id: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Store float32 vectors of memories for one model (replacing any earlier ones)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self.transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO vectors (model_id, memory_id, vec) VALUES (?, ?, ?)",
+                             [(model_id, int(i), v.tobytes()) for i, v in zip(ids, vectors)])
+
+    def vector_ids(self, model_id: str) -> np.ndarray:
+        """Ids of the memories that have a vector for this model."""
+        rows = self._query("SELECT memory_id FROM vectors WHERE model_id = ?", (model_id,))
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def vector_count(self, model_id: str) -> int:
+        """How many memories have a vector for this model."""
+        return self._query("SELECT count(*) FROM vectors WHERE model_id = ?", (model_id,))[0][0]
+
+    def load_vectors(self, model_id: str, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 matrix) of the stored vectors among `ids` for this model."""
+        found, blobs = [], []
+        for chunk in _chunks([int(i) for i in ids], 500):
+            marks = ",".join("?" * len(chunk))
+            for row in self._query(f"SELECT memory_id, vec FROM vectors WHERE model_id = ?"
+                                   f" AND memory_id IN ({marks})", [model_id, *chunk]):
+                found.append(row[0])
+                blobs.append(row[1])
+        matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found), dim)
+        return np.array(found, dtype=np.int64), matrix
+
+    def memories_without_vector(self, model_id: str, limit: int = 256) -> list[tuple[int, str]]:
+        """(id, text) of memories not yet embedded with this model, oldest first."""
+        rows = self._query(
+            "SELECT id, text FROM memories m WHERE NOT EXISTS (SELECT 1 FROM vectors v"
+            " WHERE v.model_id = ? AND v.memory_id = m.id) ORDER BY id LIMIT ?", (model_id, limit))
+        return [(r[0], r[1]) for r in rows]
+
+    # -- models ----------------------------------------------------------------------
+
+    def register_model(self, model_id: str, path: str, status: str,
+                       lineage: dict | None = None, now: datetime | None = None) -> None:
+        """Record a model once (a later call with the same id changes nothing)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO models (id, path, created, status, lineage)"
+                         " VALUES (?, ?, ?, ?, ?)",
+                         (model_id, path, utc_now(now), status, json.dumps(lineage or {})))
+
+
+def _insert_memory(conn: sqlite3.Connection, kind: str, text: str, meta: dict, created: str,
+                   event_id: int | None, replaceable: bool = True) -> int:
+    return conn.execute(
+        "INSERT INTO memories (kind, text, meta, replaceable, created, event_id)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (kind, text, json.dumps(meta), int(replaceable), created, event_id)).lastrowid
+
+
+def _write_file_state(conn: sqlite3.Connection, path: str, state: FileState | None, stamp: str) -> None:
+    if state is None:
+        conn.execute("DELETE FROM files WHERE path = ?", (path,))
+        return
+    conn.execute(
+        "INSERT INTO files (path, root, sha, size, mtime_ns, updated) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(path) DO UPDATE SET root = excluded.root, sha = excluded.sha,"
+        " size = excluded.size, mtime_ns = excluded.mtime_ns, updated = excluded.updated",
+        (state.path, state.root, state.sha, state.size, state.mtime_ns, stamp))
+
+
+def _memory_dict(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    out["meta"] = json.loads(out["meta"])
+    out["replaceable"] = bool(out["replaceable"])
+    return out
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration script (executescript would commit mid-transaction)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

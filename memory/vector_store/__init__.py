@@ -1,0 +1,1 @@
+"""Embedding model and FAISS index, one index per model id."""

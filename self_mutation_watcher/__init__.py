@@ -1,0 +1,1 @@
+"""Watches files, turns each change into a durable event with its diff."""

@@ -1,0 +1,351 @@
+"""Watch folders with watchdog, debounce per path, and record each change durably.
+
+The watchdog handler only turns raw events into `Hint`s and enqueues them (inside
+try/except: an exception in a handler would kill the observer thread silently). One
+worker thread owns all change processing: it waits until a path has been quiet for the
+debounce window, asks the ChangeDetector what changed, commits the events to SQLite and
+only then hands them to the memory sink to be embedded. Because every check compares
+the disk with the recorded state, a path seen twice never makes two events, and the
+start-up scan (reconcile) finds whatever changed while Gremlin was not running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pathspec
+from watchdog.events import (EVENT_TYPE_CLOSED, EVENT_TYPE_CREATED, EVENT_TYPE_DELETED,
+                             EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED, FileSystemEvent,
+                             FileSystemEventHandler)
+from watchdog.observers import Observer
+
+from config.errors import GremlinError
+from memory.store import FileState, NewEvent, StoredEvent, Store
+from self_mutation_watcher.diff_engine import ChangeDetector, ShadowStore
+
+logger = logging.getLogger(__name__)
+
+BATCH_PATHS = 256
+RETRY_MAX_S = 30.0
+# Gremlin's own log files: watching them would make every event log a new event.
+OWN_LOG_PREFIXES = ("gremlin.log", "bootstrap.log")
+_CHANGE_TYPES = (EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_DELETED, EVENT_TYPE_MOVED,
+                 EVENT_TYPE_CLOSED)
+
+
+class WatchError(GremlinError):
+    """A root cannot be watched."""
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A path worth checking; `scan` means a whole directory subtree."""
+
+    path: str
+    scan: bool = False
+
+
+def hints_from_event(event: FileSystemEvent) -> list[Hint]:
+    """The paths a raw watchdog event asks to check (none for opens and reads)."""
+    if event.event_type not in _CHANGE_TYPES:
+        return []
+    paths = [os.fsdecode(event.src_path)]
+    if event.event_type == EVENT_TYPE_MOVED:
+        paths.append(os.fsdecode(event.dest_path))
+    if event.is_directory:
+        # A directory's own "modified" says nothing; created/moved/deleted ones may carry files.
+        return [] if event.event_type == EVENT_TYPE_MODIFIED else [Hint(p, scan=True) for p in paths]
+    return [Hint(p) for p in paths]
+
+
+class PathFilter:
+    """Which paths under the roots are watched, and which of them are logs."""
+
+    def __init__(self, settings, roots: Sequence[Path]):
+        self.roots = tuple(outermost(roots))
+        w = settings.watch
+        self.include = pathspec.GitIgnoreSpec.from_lines(w.include)
+        self.exclude = pathspec.GitIgnoreSpec.from_lines(w.exclude)
+        self.logs = pathspec.GitIgnoreSpec.from_lines(w.log_globs)
+        m = settings.memory
+        self.ignored = (settings.run_dir, m.shadow_dir, m.index_dir)
+        self.data_dir, self.log_dir = settings.data_dir, settings.logging.dir
+        self.db_names = {m.db.name + s for s in ("", "-wal", "-shm", "-journal")}
+        self.db_dir = m.db.parent
+
+    def root_of(self, path: Path) -> Path | None:
+        """The watched root that holds `path`."""
+        return next((r for r in self.roots if path == r or r in path.parents), None)
+
+    def accepts_dir(self, path: Path, root: Path) -> bool:
+        """Whether a scan should descend into this directory."""
+        rel = _relative(path, root)
+        return not self._own_state(path) and not (rel and self.exclude.match_file(rel + "/"))
+
+    def accepts(self, path: Path, root: Path) -> bool:
+        """Whether a file's changes are recorded."""
+        rel = _relative(path, root)
+        if not rel or self._own_state(path) or self.exclude.match_file(rel):
+            return False
+        return self.include.match_file(rel)
+
+    def is_log(self, path: Path) -> bool:
+        """Whether the file is followed as a log rather than diffed."""
+        return self.logs.match_file(path.name)
+
+    def _own_state(self, path: Path) -> bool:
+        """Gremlin's own runtime files (db, shadow copies, indexes, its own logs)."""
+        if any(path == d or d in path.parents for d in self.ignored):
+            return True
+        if path.parent == self.db_dir and path.name in self.db_names:
+            return True
+        if path.parent == self.log_dir / "system" and path.name.startswith(OWN_LOG_PREFIXES):
+            return True
+        if path == self.data_dir or self.data_dir in path.parents:
+            log_side = path == self.log_dir or self.log_dir in path.parents or path in self.log_dir.parents
+            return not log_side
+        return False
+
+
+def outermost(roots: Sequence[Path]) -> list[Path]:
+    """Roots with any root nested inside another one dropped (it is watched already)."""
+    roots = sorted({Path(r) for r in roots}, key=lambda p: len(p.parts))
+    kept: list[Path] = []
+    for root in roots:
+        if not any(k == root or k in root.parents for k in kept):
+            kept.append(root)
+    return kept
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix() if path != root else ""
+    except ValueError:
+        return ""
+
+
+class _EnqueueHandler(FileSystemEventHandler):
+    """Turns watchdog events into hints; never raises (that would kill the observer)."""
+
+    def __init__(self, put: Callable[[Hint], None]):
+        self._put = put
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            for hint in hints_from_event(event):
+                self._put(hint)
+        except Exception:  # noqa: BLE001 - the observer thread must survive anything
+            logger.exception("could not enqueue a file event", extra={"event": repr(event)})
+
+
+@dataclass
+class WatchStats:
+    """Counters shown by `gremlin status`."""
+
+    events: int = 0
+    checked: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    reconciled: dict = field(default_factory=dict)
+
+
+class Watcher:
+    """The observer, the debounce queue and the worker that records changes."""
+
+    def __init__(self, settings, store: Store, sink: Callable[[list[StoredEvent]], object],
+                 roots: Sequence[Path] | None = None):
+        self.settings = settings
+        self.store = store
+        self.sink = sink
+        self.filter = PathFilter(settings, roots if roots is not None else settings.watch_roots)
+        self.detector = ChangeDetector(store, ShadowStore(settings.memory.shadow_dir), settings.watch,
+                                       settings.memory.memory_chars, is_log=self.filter.is_log)
+        self.debounce_s = settings.watch.debounce_ms / 1000
+        self.max_wait_s = settings.watch.max_wait_ms / 1000
+        self.stats = WatchStats()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[Hint, tuple[float, float]] = {}  # hint -> (first seen, last seen)
+        self._observer = None
+        self._worker = threading.Thread(target=self._run, name="gremlin-watcher", daemon=True)
+        self._idle = threading.Event()
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """The roots actually watched."""
+        return self.filter.roots
+
+    def start(self) -> None:
+        """Check the roots, start the observer, then reconcile every root in the worker."""
+        for root in self.roots:
+            if not root.is_dir():
+                raise WatchError(f"watched path {root} does not exist or is not a directory; "
+                                 "create it, or remove it from [watch] roots in "
+                                 f"{self.settings.config_file} (or from --watch)")
+        self._observer = Observer()
+        handler = _EnqueueHandler(self._queue.put)
+        for root in self.roots:
+            try:
+                self._observer.schedule(handler, str(root), recursive=True)
+            except OSError as exc:
+                raise WatchError(f"cannot watch {root}: {exc}") from exc
+        self._observer.start()
+        for root in self.roots:  # after the observer: a change during the scan is not missed
+            self._queue.put(Hint(str(root), scan=True))
+        self._worker.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the observer, process every pending change at once, stop the worker."""
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+        self._queue.put(None)
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is queued or pending (for tests and benchmarks)."""
+        return self._idle.wait(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Paths waiting for their debounce window."""
+        return len(self._pending)
+
+    # -- the worker ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not (stopping and not self._pending):
+            stopping = self._absorb(self._next_timeout()) or stopping
+            due = self._take_due(time.monotonic(), flush=stopping)
+            if due:
+                self._process(due)
+            self._idle.clear() if (self._pending or not self._queue.empty()) else self._idle.set()
+        logger.info("watcher stopped", extra={"events": self.stats.events})
+
+    def _next_timeout(self) -> float:
+        if not self._pending:
+            return 1.0
+        now = time.monotonic()
+        due = min(min(last + self.debounce_s, first + self.max_wait_s)
+                  for first, last in self._pending.values())
+        return max(0.0, due - now)
+
+    def _absorb(self, timeout: float) -> bool:
+        """Move queued hints into the pending map; True once the stop marker arrives."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        stop = False
+        while True:
+            if item is None:
+                stop = True
+            else:
+                now = time.monotonic()
+                first = self._pending.get(item, (now, now))[0]
+                self._pending[item] = (first, now)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return stop
+
+    def _take_due(self, now: float, flush: bool = False) -> list[Hint]:
+        due = [h for h, (first, last) in self._pending.items()
+               if flush or now - last >= self.debounce_s or now - first >= self.max_wait_s]
+        for hint in due:
+            del self._pending[hint]
+        return due
+
+    def _process(self, hints: list[Hint]) -> None:
+        checks: dict[str, tuple] = {}
+        baselines = []
+        for hint in hints:
+            for path, root, kwargs in self._expand(hint, baselines):
+                checks.setdefault(str(path), (path, root, kwargs))
+        items = list(checks.values())
+        for start in range(0, len(items), BATCH_PATHS):
+            self._check_batch(items[start:start + BATCH_PATHS])
+        for root in baselines:
+            self.store.mark_root_baselined(str(root))
+            logger.info("baseline recorded for new root", extra={"root": str(root)})
+
+    def _expand(self, hint: Hint, baselines: list) -> Iterator[tuple[Path, Path, dict]]:
+        """(path, root, check options) for a hint: one file, or every file of a subtree."""
+        path = Path(hint.path)
+        root = self.filter.root_of(path)
+        if root is None:
+            return
+        if not hint.scan:
+            if self.filter.accepts(path, root):
+                yield path, root, {}
+            return
+        baseline = path == root and not self.store.root_baselined(str(root))
+        if baseline:
+            baselines.append(root)
+        known = self.store.file_states_under(str(path))
+        for file in self._walk(path, root):
+            yield file, root, {"trust_stat": True, "baseline": baseline,
+                               "prev": known.pop(str(file), None), "known": True}
+        for gone, state in known.items():  # recorded but no longer on disk
+            yield Path(gone), root, {"prev": state, "known": True}
+        self.stats.reconciled[str(path)] = time.time()
+
+    def _walk(self, directory: Path, root: Path) -> Iterator[Path]:
+        """Files under `directory` that the filter accepts; symlinks are not followed."""
+        def warn(exc: OSError) -> None:
+            logger.warning("cannot list directory, skipping it",
+                           extra={"path": exc.filename, "error": exc.strerror})
+        for top, dirs, files in os.walk(directory, onerror=warn):
+            top_path = Path(top)
+            dirs[:] = [d for d in dirs if self.filter.accepts_dir(top_path / d, root)]
+            for name in files:
+                if self.filter.accepts(top_path / name, root):
+                    yield top_path / name
+
+    def _check_batch(self, items: list[tuple[Path, Path, dict]]) -> None:
+        events: list[NewEvent] = []
+        states: list[FileState] = []
+        for path, root, kwargs in items:
+            self.stats.checked += 1
+            try:
+                outcome = self.detector.check(path, root, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
+                self._error(f"checking {path} failed: {exc}", exc)
+                continue
+            if isinstance(outcome, NewEvent):
+                events.append(outcome)
+            elif isinstance(outcome, FileState):
+                states.append(outcome)
+        self._commit(events, states, [Hint(str(p)) for p, _, _ in items])
+
+    def _commit(self, events: list[NewEvent], states: list[FileState], retry: list[Hint]) -> None:
+        """Durable first: commit, then embed. A failed commit re-queues its paths."""
+        try:
+            if states:
+                self.store.save_file_states(states)
+            stored = self.store.record_events(events) if events else []
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full: retry later, lose nothing
+            self._error(f"recording {len(events)} events failed, will retry: {exc}", exc)
+            time.sleep(min(RETRY_MAX_S, 1.0 * self.stats.errors))
+            for hint in retry:
+                self._queue.put(hint)
+            return
+        self.stats.events += len(stored)
+        if stored:
+            try:
+                self.sink(stored)
+            except Exception as exc:  # noqa: BLE001 - rows are safe; catch-up embeds them later
+                self._error(f"embedding {len(stored)} memories failed: {exc}", exc)
+
+    def _error(self, message: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = message
+        logger.error(message, exc_info=exc)
