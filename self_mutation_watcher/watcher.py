@@ -115,13 +115,9 @@ class PathFilter:
 
 
 def outermost(roots: Sequence[Path]) -> list[Path]:
-    """Roots with any root nested inside another one dropped (it is watched already)."""
-    roots = sorted({Path(r) for r in roots}, key=lambda p: len(p.parts))
-    kept: list[Path] = []
-    for root in roots:
-        if not any(k == root or k in root.parents for k in kept):
-            kept.append(root)
-    return kept
+    """Roots in their given order, without duplicates or roots nested in another one."""
+    unique = list(dict.fromkeys(Path(r) for r in roots))
+    return [r for r in unique if not any(o in r.parents for o in unique)]
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -1,0 +1,196 @@
+"""The diff engine: GNU diff + unidiff hunks, shadow copies, binary/large/invalid files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from memory.store import FileState, NewEvent, Store
+from self_mutation_watcher.diff_engine import (ChangeDetector, ShadowStore, failure_excerpt,
+                                               parse_diff, unified_diff)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def detector(settings, store) -> ChangeDetector:
+    return ChangeDetector(store, ShadowStore(settings.memory.shadow_dir), settings.watch,
+                          settings.memory.memory_chars, is_log=lambda p: p.suffix == ".log")
+
+
+def record(detector: ChangeDetector, store: Store, path: Path, root: Path, **kw):
+    """Check a path and commit what it returns, as the watcher does."""
+    outcome = detector.check(path, root, **kw)
+    if isinstance(outcome, NewEvent):
+        store.record_events([outcome])
+    elif isinstance(outcome, FileState):
+        store.save_file_states([outcome])
+    return outcome
+
+
+def test_hunks_and_counts_come_from_the_unified_diff(tmp_path: Path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text("".join(f"line {i}\n" for i in range(40)))
+    new.write_text("".join(f"line {i}\n" for i in range(40)).replace("line 3\n", "LINE 3\nextra\n")
+                   .replace("line 30\n", ""))
+    diff = unified_diff(old, new, "pkg/f.py", 1 << 20)
+    assert diff.text.startswith("--- a/pkg/f.py\n+++ b/pkg/f.py\n@@ -1,7 +1,8 @@\n")
+    assert [(h.source_start, h.target_start) for h in diff.hunks] == [(1, 1), (28, 29)]
+    assert [(h.added, h.removed) for h in diff.hunks] == [(2, 1), (0, 1)]
+    assert (diff.added, diff.removed, diff.truncated) == (2, 2, False)
+
+
+def test_long_diffs_are_cut_at_a_line_and_flagged(tmp_path: Path):
+    (tmp_path / "new").write_text("".join(f"added line number {i}\n" for i in range(1000)))
+    diff = unified_diff(None, tmp_path / "new", "f.txt", 500)
+    assert diff.truncated and len(diff.text) <= 500 and diff.text.endswith("\n")
+    assert diff.added == 1000  # counted from the whole diff
+
+
+def test_unparseable_diff_text_is_flagged_not_fatal():
+    diff = parse_diff("--- a/x\n+++ b/x\n@@ -1,5 +1,5 @@\n-only one line\n", 1000)
+    assert diff.parsed is False and diff.hunks == ()
+
+
+def test_created_modified_deleted_lifecycle(detector, store, watched: Path):
+    f = watched / "app.py"
+    f.write_text("def main():\n    pass\n")
+    created = record(detector, store, f, watched)
+    assert created.kind == "created" and created.meta["added"] == 2 and created.old_sha is None
+    assert created.memory_text.startswith("created project/app.py\n--- /dev/null\n+++ b/project/app.py")
+    f.write_text("def main():\n    run()\n")
+    modified = record(detector, store, f, watched)
+    assert modified.kind == "modified" and modified.old_sha == created.new_sha
+    assert "-    pass\n+    run()" in modified.diff
+    assert record(detector, store, f, watched) is None  # nothing changed since
+    f.unlink()
+    deleted = record(detector, store, f, watched)
+    assert deleted.kind == "deleted" and deleted.state is None and "-    run()" in deleted.diff
+    assert store.file_state(str(f)) is None
+
+
+def test_an_empty_file_is_an_event_without_hunks(detector, store, watched: Path):
+    f = watched / "empty.py"
+    f.write_bytes(b"")
+    event = record(detector, store, f, watched)
+    assert event.kind == "created" and event.meta["hunks"] == [] and event.diff == ""
+    assert event.memory_text == "created project/empty.py (no diff, 0 bytes)"
+
+
+def test_binary_files_get_metadata_only(detector, store, watched: Path):
+    f = watched / "image.png"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    event = record(detector, store, f, watched)
+    assert event.diff is None and event.meta == {"binary": True, "metadata_only": True}
+    assert event.memory_text == f"created project/image.png (binary, {f.stat().st_size} bytes)"
+    assert not any(p.is_file() for p in Path(detector.shadow.root).rglob("*"))
+
+
+def test_files_over_the_size_limit_get_metadata_only(detector, store, watched: Path, settings):
+    f = watched / "big.txt"
+    f.write_text("x" * (settings.watch.max_file_bytes + 1))
+    event = record(detector, store, f, watched)
+    assert event.diff is None and event.meta["too_large"] and event.new_sha is None
+    assert record(detector, store, f, watched) is None  # same size and time: no new event
+
+
+def test_invalid_utf8_is_replaced_and_flagged(detector, store, watched: Path):
+    f = watched / "latin1.txt"
+    f.write_bytes("café au lait\n".encode("latin-1"))
+    event = record(detector, store, f, watched)
+    assert event.meta["invalid_utf8"] is True and "caf\ufffd au lait" in event.diff
+
+
+def test_a_file_deleted_before_it_is_read_is_a_delete(detector, store, watched: Path):
+    f = watched / "gone.py"
+    f.write_text("x = 1\n")
+    record(detector, store, f, watched)
+    f.unlink()  # the watcher's check comes after the file is gone
+    event = record(detector, store, f, watched)
+    assert event.kind == "deleted"
+    never_seen = watched / "never.py"
+    assert detector.check(never_seen, watched) is None
+
+
+def test_symlinks_are_not_followed(detector, store, watched: Path, tmp_path: Path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("outside the root\n")
+    (watched / "link.txt").symlink_to(outside)
+    assert detector.check(watched / "link.txt", watched) is None
+
+
+def test_baseline_records_the_shadow_copy_without_an_event(detector, store, watched: Path):
+    f = watched / "old.py"
+    f.write_text("a = 1\n")
+    state = record(detector, store, f, watched, baseline=True)
+    assert isinstance(state, FileState) and detector.shadow.has(state.sha)
+    f.write_text("a = 2\n")
+    assert "-a = 1\n+a = 2" in record(detector, store, f, watched).diff
+
+
+def test_logs_are_followed_and_failures_become_memories(detector, store, watched: Path):
+    log = watched / "app.log"
+    log.write_text("INFO started\n")
+    assert isinstance(record(detector, store, log, watched), FileState)  # no failure: offset only
+    with log.open("a") as handle:
+        handle.write("INFO request ok\nTraceback (most recent call last):\n"
+                     '  File "app.py", line 3, in main\nZeroDivisionError: division by zero\npartial')
+    event = record(detector, store, log, watched)
+    assert event.kind == "log" and event.memory_kind == "failure"
+    assert event.diff.startswith("INFO started\nINFO request ok\nTraceback") is False
+    assert "ZeroDivisionError" in event.diff and "partial" not in event.diff
+    assert event.state.size == log.stat().st_size - len("partial")
+    log.write_text("ERROR after rotation\n")  # truncated: read again from the start
+    assert "ERROR after rotation" in record(detector, store, log, watched).diff
+
+
+def test_failure_excerpt_keeps_context_before_the_first_failure():
+    text = "a\nb\nc\nd\nCRITICAL disk full\ne\n"
+    assert failure_excerpt(text) == "c\nd\nCRITICAL disk full\ne"
+    assert failure_excerpt("all good\nINFO fine\n") is None
+
+
+PERMISSION_SCRIPT = """
+import json, logging, sys
+from pathlib import Path
+from memory.store import Store
+from self_mutation_watcher.diff_engine import ChangeDetector, ShadowStore
+from config.settings import WatchSettings
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append({"msg": record.getMessage(), "path": getattr(record, "path", None)})
+logging.getLogger().addHandler(Keep())
+base = Path(sys.argv[1])
+store = Store(base / "g.db")
+det = ChangeDetector(store, ShadowStore(base / "shadow"), WatchSettings(), 4000)
+result = det.check(base / "root" / "locked.py", base / "root")
+print(json.dumps({"result": repr(result), "logs": records}))
+"""
+
+
+def test_permission_denied_is_a_warning_naming_the_path():
+    """A real unreadable file, checked in a child process without root's read-anything rights."""
+    base = Path(tempfile.mkdtemp(prefix="gremlin-perm-"))
+    try:
+        (base / "root").mkdir()
+        locked = base / "root" / "locked.py"
+        locked.write_text("secret = 1\n")
+        locked.chmod(0)
+        # root reads anything: drop the capabilities that let it, as setpriv does for a child
+        prefix = (["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+                  if os.geteuid() == 0 else [])
+        proc = subprocess.run([*prefix, sys.executable, "-c", PERMISSION_SCRIPT, str(base)],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["result"] == "None"
+        assert {"msg": "cannot read file, skipping it", "path": str(locked)} in out["logs"]
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)

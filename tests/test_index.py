@@ -1,0 +1,93 @@
+"""The FAISS index: search, atomic save/load, rebuild from SQLite when missing or stale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from memory.store import Store
+from memory.vector_store.index import VectorIndex, index_path
+
+DIM = 16
+
+
+def _unit(rows: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def filled(tmp_path: Path):
+    """A store with 20 memories and their vectors for model m1."""
+    store = Store(tmp_path / "g.db")
+    ids = [store.add_memory("code_diff", f"memory {i}") for i in range(20)]
+    vectors = _unit(20)
+    store.add_vectors("m1", ids, vectors)
+    yield store, np.array(ids), vectors
+    store.close()
+
+
+def test_search_finds_the_nearest_vector_first(tmp_path: Path, filled):
+    store, ids, vectors = filled
+    index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    assert index.ntotal == 20
+    hits = index.search(vectors[7], 3)
+    assert hits[0][0] == ids[7] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0][1] >= hits[1][1] >= hits[2][1]
+
+
+def test_search_can_be_restricted_to_some_ids(tmp_path: Path, filled):
+    store, ids, vectors = filled
+    index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    hits = index.search(vectors[7], 5, allowed=ids[10:12])
+    assert sorted(i for i, _ in hits) == sorted(ids[10:12].tolist())
+    assert index.search(vectors[7], 5, allowed=np.array([], dtype=np.int64)) == []
+
+
+def test_save_is_atomic_and_load_gives_the_same_answers(tmp_path: Path, filled):
+    store, ids, vectors = filled
+    index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    index.save()
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["m1.faiss"]
+    loaded = VectorIndex(index_path(tmp_path / "idx", "m1"), "m1", DIM,
+                         faiss.read_index(str(tmp_path / "idx" / "m1.faiss")))
+    assert loaded.search(vectors[3], 4) == index.search(vectors[3], 4)
+
+
+def test_a_stale_index_is_brought_in_step_with_the_database(tmp_path: Path, filled):
+    store, ids, vectors = filled
+    index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    index.add(np.array([999]), _unit(1, seed=5))  # a vector the database does not have
+    index.save()
+    new_id = store.add_memory("code_diff", "newer")  # the database moved on after the save
+    store.add_vectors("m1", [new_id], _unit(1, seed=9))
+    reopened = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    assert sorted(reopened.ids().tolist()) == sorted([*ids.tolist(), new_id])
+
+
+def test_missing_or_corrupt_index_files_are_rebuilt(tmp_path: Path, filled):
+    store, ids, vectors = filled
+    path = index_path(tmp_path / "idx", "m1")
+    path.parent.mkdir()
+    path.write_bytes(b"garbage" * 50)
+    index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    assert index.ntotal == 20 and index.search(vectors[0], 1)[0][0] == ids[0]
+
+
+def test_an_index_of_another_dimension_is_rebuilt(tmp_path: Path, filled):
+    store, ids, vectors = filled
+    other = VectorIndex(index_path(tmp_path / "idx", "m1"), "m1", DIM * 2)
+    other.add(np.array([1]), np.ones((1, DIM * 2), dtype=np.float32))
+    other.save()
+    index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    assert index.dim == DIM and index.ntotal == 20
+
+
+def test_vectors_of_other_models_never_enter_the_index(tmp_path: Path, filled):
+    store, ids, vectors = filled
+    store.add_vectors("m2", ids[:5], _unit(5, seed=3))
+    assert VectorIndex.open(tmp_path / "idx", "m2", DIM, store).ntotal == 5
+    assert VectorIndex.open(tmp_path / "idx", "m1", DIM, store).ntotal == 20

@@ -1,0 +1,79 @@
+"""Memory with the real MiniLM: ingest, search, catch-up after a crash, saved index."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from memory.service import Memory, make_preview
+from memory.store import FileState, NewEvent, utc_now
+
+DIFFS = {
+    "/p/auth.py": "+def check_password(user, password):\n+    return bcrypt.verify(password, user.hash)",
+    "/p/db.py": "+def connect(url):\n+    return sqlite3.connect(url, timeout=30)",
+    "/p/ui.css": "+.button { color: red; border-radius: 4px; }",
+    "/p/retry.py": "+for attempt in range(5):\n+    time.sleep(2 ** attempt)  # exponential backoff",
+}
+
+
+def _events(diffs: dict[str, str]) -> list[NewEvent]:
+    return [NewEvent(kind="modified", path=p, root="/p", time=utc_now(), state=FileState(p, "/p", p, 1, 1),
+                     diff=d, memory_kind="code_diff", memory_text=f"modified {p}\n{d}",
+                     memory_meta={"path": p, "label": p}) for p, d in diffs.items()]
+
+
+@pytest.fixture
+def memory(settings, store, embedder):
+    return Memory(settings, store, embedder)
+
+
+def test_search_ranks_the_matching_diff_first(memory, store):
+    stored = store.record_events(_events(DIFFS))
+    assert memory.ingest(stored) == 4
+    assert memory.search("verify the user's password hash")[0].path == "/p/auth.py"
+    assert memory.search("wait longer between retries")[0].path == "/p/retry.py"
+    hit = memory.search("open the database")[0]
+    assert hit.path == "/p/db.py" and hit.change == "modified" and 0 < hit.score <= 1
+    assert "+def connect(url):" in hit.preview
+
+
+def test_kind_filter_only_returns_that_kind(memory, store):
+    memory.ingest(store.record_events(_events(DIFFS)))
+    task_id = store.add_memory("task", "run the password checks")
+    memory.embed_memories([(task_id, "run the password checks")])
+    assert [h.id for h in memory.search("password", k=5, kind="task")] == [task_id]
+    assert all(h.kind == "code_diff" for h in memory.search("password", k=5, kind="code_diff"))
+
+
+def test_catch_up_embeds_memories_whose_vector_was_lost(settings, store, embedder):
+    store.record_events(_events(DIFFS))  # committed, then "crashed" before embedding
+    memory = Memory(settings, store, embedder)
+    assert memory.index.ntotal == 0
+    assert memory.catch_up(batch=3) == 4
+    assert store.memories_without_vector(embedder.model_id) == []
+    assert memory.search("css button colour")[0].path == "/p/ui.css"
+
+
+def test_saved_index_reopens_with_the_same_results(settings, store, embedder):
+    memory = Memory(settings, store, embedder)
+    memory.ingest(store.record_events(_events(DIFFS)))
+    assert memory.save_index(force=True)
+    assert not memory.save_index(force=True)  # nothing changed since
+    again = Memory(settings, store, embedder)
+    assert again.index.ntotal == 4
+    assert [h.id for h in again.search("backoff", k=4)] == [h.id for h in memory.search("backoff", k=4)]
+
+
+def test_index_is_saved_only_when_the_interval_has_passed(settings, store, embedder):
+    slow = dataclasses.replace(settings, memory=dataclasses.replace(settings.memory, index_save_interval_s=60))
+    memory = Memory(slow, store, embedder)
+    memory.ingest(store.record_events(_events(DIFFS)))
+    assert not memory.save_index(now=memory._last_save + 1)
+    assert memory.save_index(now=memory._last_save + 61)
+
+
+def test_preview_shows_changed_lines():
+    text = "modified a.py\n--- a/a.py\n+++ b/a.py\n@@ -1 +1 @@\n-old line\n+new line\n context"
+    assert make_preview(text) == "-old line\n+new line"
+    assert make_preview("deleted big.bin (binary, 10 bytes)") == "deleted big.bin (binary, 10 bytes)"

@@ -1,0 +1,211 @@
+"""The watcher on real folders: debounce, baseline, reconcile, moves, excludes, logs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from config.settings import load_settings
+from memory.store import Store
+from self_mutation_watcher.watcher import Hint, PathFilter, Watcher, WatchError, outermost
+from tests.conftest import make_home, wait_for
+
+SETTLE_S = 0.6  # several debounce windows (100 ms in these homes)
+
+
+class Running:
+    """A started Watcher whose sink keeps what it was given."""
+
+    def __init__(self, settings, store: Store, roots=None, sink=None):
+        self.got = []
+        self.watcher = Watcher(settings, store, sink or self.got.extend, roots=roots)
+        self.store = store
+        self.watcher.start()
+        assert self.watcher.wait_idle(20)
+
+    def events(self) -> list[tuple[str, str]]:
+        """(kind, file name) of every recorded event, oldest first."""
+        return [(e["kind"], Path(e["path"]).name) for e in reversed(self.store.recent_events(10_000))]
+
+    def wait_events(self, count: int, timeout: float = 10) -> list[tuple[str, str]]:
+        wait_for(lambda: len(self.events()) >= count, timeout, what=f"{count} events")
+        time.sleep(SETTLE_S)
+        return self.events()
+
+    def stop(self):
+        self.watcher.stop()
+
+
+@pytest.fixture
+def running(settings, store):
+    r = Running(settings, store)
+    yield r
+    r.stop()
+
+
+def test_files_present_at_first_start_are_a_baseline_not_events(settings, store, watched: Path):
+    (watched / "old.py").write_text("x = 1\n")
+    r = Running(settings, store)
+    try:
+        time.sleep(SETTLE_S)
+        assert r.events() == []
+        (watched / "old.py").write_text("x = 2\n")
+        assert r.wait_events(1) == [("modified", "old.py")]
+        assert "-x = 1\n+x = 2" in store.events_for_path(str(watched / "old.py"))[0]["diff"]
+    finally:
+        r.stop()
+
+
+def test_create_modify_delete_each_make_one_event(running, watched: Path):
+    f = watched / "a.py"
+    f.write_text("a = 1\n")
+    running.wait_events(1)
+    f.write_text("a = 2\n")
+    running.wait_events(2)
+    f.unlink()
+    assert running.wait_events(3) == [("created", "a.py"), ("modified", "a.py"), ("deleted", "a.py")]
+    assert len(running.got) == 3 and running.got[0].memory_id is not None
+
+
+def test_a_burst_of_writes_is_one_event(running, watched: Path):
+    f = watched / "burst.py"
+    for i in range(20):
+        f.write_text(f"value = {i}\n")
+        time.sleep(0.005)
+    assert running.wait_events(1) == [("created", "burst.py")]
+    assert "+value = 19" in running.store.events_for_path(str(f))[0]["diff"]
+
+
+def test_excluded_files_make_no_events(running, watched: Path):
+    (watched / ".git" / "objects").mkdir(parents=True)
+    (watched / ".git" / "objects" / "ab").write_text("blob")
+    (watched / "__pycache__").mkdir()
+    (watched / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0\1")
+    (watched / ".env").write_text("TOKEN=abc\n")
+    (watched / "notes.txt.swp").write_text("swap")
+    (watched / "kept.md").write_text("# kept\n")
+    assert running.wait_events(1) == [("created", "kept.md")]
+
+
+def test_a_move_is_a_delete_and_a_create(running, watched: Path):
+    (watched / "before.py").write_text("moved = True\n")
+    running.wait_events(1)
+    (watched / "before.py").rename(watched / "after.py")
+    events = running.wait_events(3)
+    assert sorted(events[1:]) == [("created", "after.py"), ("deleted", "before.py")]
+
+
+def test_removing_a_directory_deletes_every_file_in_it(running, watched: Path):
+    pkg = watched / "pkg"
+    pkg.mkdir()
+    for name in ("a.py", "b.py", "c.py"):
+        (pkg / name).write_text(f"# {name}\n")
+    running.wait_events(3)
+    shutil.rmtree(pkg)
+    assert sorted(running.wait_events(6)[3:]) == [("deleted", "a.py"), ("deleted", "b.py"), ("deleted", "c.py")]
+
+
+def test_a_directory_moved_in_from_outside_is_scanned(running, watched: Path, tmp_path: Path):
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "one.py").write_text("one = 1\n")
+    (outside / "sub" / "two.py").write_text("two = 2\n")
+    outside.rename(watched / "moved_in")
+    assert sorted(running.wait_events(2)) == [("created", "one.py"), ("created", "two.py")]
+
+
+def test_reconcile_finds_exactly_what_changed_while_stopped(settings, store, watched: Path):
+    for name in ("same.py", "edit.py", "remove.py"):
+        (watched / name).write_text(f"# {name}\n")
+    Running(settings, store).stop()  # baseline only
+    (watched / "edit.py").write_text("# edited while stopped\n")
+    (watched / "remove.py").unlink()
+    (watched / "new.py").write_text("# new while stopped\n")
+    os.utime(watched / "same.py")  # touched, same content: not a change
+    r = Running(settings, store)
+    try:
+        assert sorted(r.wait_events(3)) == [("created", "new.py"), ("deleted", "remove.py"),
+                                           ("modified", "edit.py")]
+    finally:
+        r.stop()
+    Running(settings, store).stop()  # a second reconcile finds nothing new
+    assert len(store.recent_events(100)) == 3
+
+
+def test_stop_records_changes_still_in_their_debounce_window(settings, store, watched: Path):
+    r = Running(settings, store)
+    (watched / "late.py").write_text("late = True\n")
+    time.sleep(0.05)  # seen by the observer, not yet quiet for the debounce window
+    r.stop()
+    assert r.events() == [("created", "late.py")]
+
+
+def test_failing_sink_loses_no_event_and_the_watcher_goes_on(settings, store, watched: Path):
+    calls = []
+
+    def flaky(stored):
+        calls.append(stored)
+        if len(calls) == 1:
+            raise RuntimeError("encoder exploded")
+
+    r = Running(settings, store, sink=flaky)
+    try:
+        (watched / "one.py").write_text("1\n")
+        r.wait_events(1)
+        (watched / "two.py").write_text("2\n")
+        assert r.wait_events(2) == [("created", "one.py"), ("created", "two.py")]
+        assert len(calls) == 2 and r.watcher.stats.errors == 1
+        assert "encoder exploded" in r.watcher.stats.last_error
+    finally:
+        r.stop()
+
+
+def test_log_failures_become_memories_and_normal_lines_do_not(running, watched: Path):
+    log = watched / "service.log"
+    log.write_text("INFO boot\n")
+    time.sleep(SETTLE_S)
+    with log.open("a") as handle:
+        handle.write("INFO ok\nERROR payment failed: card declined\n")
+    assert running.wait_events(1) == [("log", "service.log")]
+    assert running.got[0].event.memory_kind == "failure"
+
+
+def test_watching_the_home_ignores_gremlins_own_files(tmp_path: Path):
+    home = make_home(tmp_path)
+    settings = load_settings(home).with_extra_roots([home])
+    store = Store(settings.memory.db)
+    try:
+        r = Running(settings, store)
+        (home / "data" / "gremlin.db-extra").write_text("internal")
+        (home / "run" / "state.json").write_text("{}")
+        (home / "data" / "logs" / "system").mkdir(parents=True, exist_ok=True)
+        (home / "data" / "logs" / "system" / "gremlin.log").write_text("ERROR own log\n")
+        (home / "data" / "logs" / "applications").mkdir(parents=True, exist_ok=True)
+        (home / "data" / "logs" / "applications" / "web.log").write_text("CRITICAL web down\n")
+        assert r.wait_events(1) == [("log", "web.log")]
+        r.stop()
+    finally:
+        store.close()
+
+
+def test_a_missing_root_stops_start_with_a_clear_error(settings, store, tmp_path: Path):
+    with pytest.raises(WatchError, match="does not exist.*remove it from \\[watch\\] roots"):
+        Watcher(settings, store, list.append, roots=[tmp_path / "nope"]).start()
+
+
+def test_nested_roots_are_watched_once(tmp_path: Path):
+    assert outermost([tmp_path / "a" / "b", tmp_path / "a", tmp_path / "c"]) == [tmp_path / "a", tmp_path / "c"]
+
+
+def test_filter_decides_by_gitignore_patterns(settings, watched: Path):
+    f = PathFilter(settings, [watched])
+    assert f.accepts(watched / "src" / "main.py", watched)
+    assert not f.accepts(watched / "node_modules" / "x" / "i.js", watched)
+    assert not f.accepts_dir(watched / ".venv", watched)
+    assert not f.accepts(watched / "keys" / "server.pem", watched)
+    assert f.root_of(watched / "deep" / "file") == watched and f.root_of(Path("/elsewhere")) is None
+    assert Hint(str(watched)) != Hint(str(watched), scan=True)
