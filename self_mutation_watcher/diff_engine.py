@@ -166,9 +166,13 @@ class ChangeDetector:
         self.is_log = is_log
 
     def check(self, path: Path, root: Path, *, trust_stat: bool = False,
-              baseline: bool = False, prev: FileState | None = None,
+              baseline_before_ns: int | None = None, prev: FileState | None = None,
               known: bool = False) -> NewEvent | FileState | None:
-        """What happened to `path` since it was last recorded (`prev`, looked up unless known)."""
+        """What happened to `path` since it was last recorded (`prev`, looked up unless known).
+
+        With `baseline_before_ns`, a file last modified before that time is recorded silently
+        (a root's first scan); one modified after it changed while being watched: an event.
+        """
         if not known:
             prev = self.store.file_state(str(path))
         try:
@@ -177,6 +181,7 @@ class ChangeDetector:
                 return self._deleted(path, root, prev)
             if trust_stat and prev and (prev.size, prev.mtime_ns) == (st.st_size, st.st_mtime_ns):
                 return None
+            baseline = baseline_before_ns is not None and st.st_mtime_ns < baseline_before_ns
             return self._inspect(path, root, prev, st, baseline)
         except FileNotFoundError:  # gone, perhaps between stat and read
             return self._deleted(path, root, prev)

@@ -171,6 +171,7 @@ class Watcher:
         self._observer = None
         self._worker = threading.Thread(target=self._run, name="gremlin-watcher", daemon=True)
         self._idle = threading.Event()
+        self._started_ns = 0
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -184,6 +185,7 @@ class Watcher:
                 raise WatchError(f"watched path {root} does not exist or is not a directory; "
                                  "create it, or remove it from [watch] roots in "
                                  f"{self.settings.config_file} (or from --watch)")
+        self._started_ns = time.time_ns()
         self._observer = Observer()
         handler = _EnqueueHandler(self._queue.put)
         for root in self.roots:
@@ -263,9 +265,9 @@ class Watcher:
     def _process(self, hints: list[Hint]) -> None:
         checks: dict[str, tuple] = {}
         baselines = []
-        for hint in hints:
+        for hint in sorted(hints, key=lambda h: not h.scan):  # a file's own hint wins over a scan
             for path, root, kwargs in self._expand(hint, baselines):
-                checks.setdefault(str(path), (path, root, kwargs))
+                checks[str(path)] = (path, root, kwargs)
         items = list(checks.values())
         for start in range(0, len(items), BATCH_PATHS):
             self._check_batch(items[start:start + BATCH_PATHS])
@@ -287,8 +289,9 @@ class Watcher:
         if baseline:
             baselines.append(root)
         known = self.store.file_states_under(str(path))
+        before = self._started_ns if baseline else None
         for file in self._walk(path, root):
-            yield file, root, {"trust_stat": True, "baseline": baseline,
+            yield file, root, {"trust_stat": True, "baseline_before_ns": before,
                                "prev": known.pop(str(file), None), "known": True}
         for gone, state in known.items():  # recorded but no longer on disk
             yield Path(gone), root, {"prev": state, "known": True}

@@ -109,7 +109,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 
 def start_daemon(home: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
     """Start `gremlin daemon` as a real process."""
-    out = open(log or home / "daemon.out", "ab")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*GREMLIN, "--home", str(home), "daemon", *extra], stdout=out,
-                            stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    with open(log or home / "daemon.out", "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([*GREMLIN, "--home", str(home), "daemon", *extra], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO, env=env)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -128,10 +129,18 @@ def test_symlinks_are_not_followed(detector, store, watched: Path, tmp_path: Pat
 def test_baseline_records_the_shadow_copy_without_an_event(detector, store, watched: Path):
     f = watched / "old.py"
     f.write_text("a = 1\n")
-    state = record(detector, store, f, watched, baseline=True)
+    state = record(detector, store, f, watched, baseline_before_ns=time.time_ns() + 10**9)
     assert isinstance(state, FileState) and detector.shadow.has(state.sha)
     f.write_text("a = 2\n")
     assert "-a = 1\n+a = 2" in record(detector, store, f, watched).diff
+
+
+def test_a_file_changed_after_the_baseline_began_is_an_event(detector, store, watched: Path):
+    started = time.time_ns()
+    time.sleep(0.01)
+    (watched / "fresh.py").write_text("fresh = 1\n")
+    event = record(detector, store, watched / "fresh.py", watched, baseline_before_ns=started)
+    assert isinstance(event, NewEvent) and event.kind == "created"
 
 
 def test_logs_are_followed_and_failures_become_memories(detector, store, watched: Path):

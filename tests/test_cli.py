@@ -1,0 +1,68 @@
+"""The `gremlin` command line, through click's CliRunner and the installed script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from agent_core.cli import main
+from memory.service import Memory
+from memory.store import FileState, NewEvent, Store, utc_now
+from config.settings import load_settings
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_installed_script_and_help():
+    script = Path(sys.executable).parent / "gremlin"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for command in ("init", "daemon", "status", "search"):
+        assert command in proc.stdout
+    assert "--watch" in run("daemon", "--help").output
+    assert "--kind" in run("search", "--help").output
+
+
+def test_init_creates_a_home(tmp_path: Path):
+    result = run("init", str(tmp_path / "h"))
+    assert result.exit_code == 0 and "home ready" in result.output
+    assert (tmp_path / "h" / "config" / "gremlin.toml").is_file()
+    assert load_settings(tmp_path / "h").home == tmp_path / "h"
+
+
+def test_status_of_a_home_whose_daemon_is_not_running(home: Path, watched: Path):
+    result = run("--home", str(home), "status", "--json")
+    info = json.loads(result.output)
+    assert info["running"] is False and info["roots"] == [str(watched)]
+    assert info["model_id"].startswith("all-MiniLM-L6-v2-")
+    text = run("--home", str(home), "status").output
+    assert "not running" in text and str(watched) in text
+
+
+def test_status_without_a_home_says_how_to_make_one(tmp_path: Path):
+    result = CliRunner().invoke(main, ["--home", str(tmp_path / "none"), "status"])
+    assert result.exit_code == 1 and "gremlin init" in result.output
+
+
+def test_search_without_a_daemon_loads_the_model_itself(home: Path, settings, embedder):
+    store = Store(settings.memory.db)
+    p = "/p/cache.py"
+    ev = NewEvent(kind="modified", path=p, root="/p", time=utc_now(), state=FileState(p, "/p", "s", 1, 1),
+                  memory_kind="code_diff", memory_text="modified p/cache.py\n+@lru_cache(maxsize=1024)",
+                  memory_meta={"path": p, "label": "p/cache.py"})
+    Memory(settings, store, embedder).ingest(store.record_events([ev]))
+    store.close()
+    hits = json.loads(run("--home", str(home), "search", "memoize results", "--json").output)
+    assert hits[0]["path"] == p and hits[0]["change"] == "modified"
+    table = run("--home", str(home), "search", "memoize results").output
+    assert "p/cache.py" in table and "lru_cache" in table
+
+
+def test_search_on_an_empty_home(home: Path):
+    assert "no memories yet" in run("--home", str(home), "search", "anything").output

@@ -1,0 +1,138 @@
+"""The real daemon as a process: change files, search them with the CLI, kill -9, restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from memory.store import Store
+from tests.conftest import gremlin, make_home, start_daemon, wait_for
+
+READY_S = 120
+
+
+def status(home: Path) -> dict:
+    return json.loads(gremlin("status", "--json", home=home).stdout)
+
+
+def wait_ready(home: Path, proc: subprocess.Popen) -> dict:
+    def ready():
+        assert proc.poll() is None, (home / "daemon.out").read_text()
+        info = status(home)
+        return info if info.get("state") == "ready" else None
+    return wait_for(ready, READY_S, interval=0.5, what="the daemon to be ready")
+
+
+def search(home: Path, query: str, k: int = 3) -> list[dict]:
+    return json.loads(gremlin("search", query, "-k", str(k), "--json", home=home).stdout)
+
+
+def found(home: Path, query: str, path: Path, change: str) -> bool:
+    return any(h["path"] == str(path) and h["change"] == change for h in search(home, query))
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)
+
+
+def events(home: Path) -> list[dict]:
+    store = Store(home / "data" / "gremlin.db", readonly=True)
+    try:
+        return [store.events_for_path(p) for p in {e["path"] for e in store.recent_events(10_000)}]
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    path = tmp_path / "project"
+    path.mkdir()
+    (path / "settings.py").write_text("TIMEOUT = 30\nRETRIES = 3\n")
+    return path
+
+
+def test_changes_are_searchable_and_survive_kill_9(tmp_path: Path, project: Path):
+    home = make_home(tmp_path, project)
+    proc = start_daemon(home)
+    try:
+        info = wait_ready(home, proc)
+        assert info["roots"] == [str(project)] and info["running"] and info["pid"] == proc.pid
+        (project / "invoice.py").write_text("def total(items):\n    return sum(i.price * i.qty for i in items)\n")
+        wait_for(lambda: found(home, "sum of price times quantity", project / "invoice.py", "created"),
+                 60, 0.5, "the created file")
+        (project / "settings.py").write_text("TIMEOUT = 120\nRETRIES = 3\n")
+        wait_for(lambda: found(home, "raise the timeout", project / "settings.py", "modified"),
+                 60, 0.5, "the edit")
+        (project / "invoice.py").unlink()
+        wait_for(lambda: found(home, "remove invoice total", project / "invoice.py", "deleted"),
+                 60, 0.5, "the delete")
+        proc.kill()  # kill -9: no shutdown, no index save
+        proc.wait(10)
+        # while nobody watches
+        (project / "settings.py").write_text("TIMEOUT = 120\nRETRIES = 10\n")
+        (project / "mailer.py").write_text("def send_welcome_email(user):\n    smtp.send(user.email)\n")
+        proc = start_daemon(home)
+        wait_ready(home, proc)
+        wait_for(lambda: found(home, "send a welcome email", project / "mailer.py", "created"),
+                 60, 0.5, "the file created while stopped")
+        history = {Path(e[0]["path"]).name: [x["kind"] for x in e] for e in events(home)}
+        assert history == {"invoice.py": ["created", "deleted"], "settings.py": ["modified", "modified"],
+                           "mailer.py": ["created"]}
+        info = status(home)
+        assert info["counts"]["memories"] == 5 and info["index_size"] == 5
+        assert [e["path"] for e in info["recent_events"]][0] in (str(project / "mailer.py"),
+                                                                 str(project / "settings.py"))
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = [json.loads(line) for line in (home / "data" / "logs" / "system" / "gremlin.log").read_text().splitlines()]
+    assert any(r["msg"] == "daemon stopped" for r in log)
+    audit = (home / "data" / "logs" / "system" / "bootstrap.log").read_text().splitlines()
+    assert Counter(json.loads(a)["change"] for a in audit) == Counter(created=2, modified=2, deleted=1)
+
+
+def test_sigterm_stops_quickly_and_keeps_the_last_change(tmp_path: Path, project: Path):
+    home = make_home(tmp_path, project, debounce_ms=2000)
+    proc = start_daemon(home)
+    try:
+        wait_ready(home, proc)
+        (project / "last_minute.py").write_text("saved = 'just before shutdown'\n")
+        time.sleep(0.3)  # seen by the observer, far inside its 2 s debounce window
+        started = time.monotonic()
+        assert stop(proc) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [e[0]["kind"] for e in events(home)] == ["created"]
+    assert not (home / "run" / "gremlin.sock").exists()
+
+
+def test_a_second_daemon_refuses_to_start(tmp_path: Path, project: Path):
+    home = make_home(tmp_path, project)
+    proc = start_daemon(home)
+    try:
+        wait_ready(home, proc)
+        second = gremlin("daemon", home=home, check=False, timeout=60)
+        assert second.returncode == 1
+        assert f"already running on this home" in second.stderr and str(proc.pid) in second.stderr
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_missing_watch_path_is_a_clear_error_at_start(tmp_path: Path, project: Path):
+    home = make_home(tmp_path, project)
+    result = gremlin("daemon", "--watch", str(tmp_path / "typo"), home=home, check=False, timeout=120)
+    assert result.returncode == 1
+    assert f"watched path {tmp_path / 'typo'} does not exist" in result.stderr
+    assert status(home)["running"] is False
