@@ -70,6 +70,7 @@ def daemon(ctx: click.Context, watch: tuple[Path, ...], quiet: bool) -> None:
     from agent_core.logs import configure_logging
 
     settings = _settings(ctx).with_extra_roots(watch)
+    init_home(settings.home)  # the home's folders (data/logs/...) exist before anything watches them
     configure_logging(settings, console=not quiet)
     sys.exit(Daemon(settings).run())
 

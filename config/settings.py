@@ -23,6 +23,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / CONFIG_NAME
 SOURCE_PACKAGES = ("config", "memory", "self_mutation_watcher", "self_training", "agents",
                    "agent_core", "tools", "dashboard")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The folders every home has (DESIGN.md layout).
+HOME_DIRS = ("config", "run", "run/checkpoints", "data", "data/logs/system", "data/logs/modules",
+             "data/logs/services", "data/logs/applications", "data/nlp_training_sets")
 # Version control, caches, editor temp files and likely secrets (kept out of memory).
 DEFAULT_EXCLUDE = (
     ".git/", ".hg/", ".svn/", "__pycache__/", "*.pyc", ".venv/", "venv/", "node_modules/",
@@ -170,10 +173,10 @@ def notify_socket() -> str | None:
 
 
 def init_home(home: Path) -> Path:
-    """Create a home with a copy of the default config and empty run/ and data/; return its config."""
+    """Create a home's folders and a copy of the default config (kept if present); return its config."""
     home = Path(home).expanduser().resolve()
     target = home / "config" / CONFIG_NAME
-    for sub in ("config", "run", "data"):
+    for sub in HOME_DIRS:
         (home / sub).mkdir(parents=True, exist_ok=True)
     if not target.exists():
         shutil.copyfile(DEFAULT_CONFIG, target)

@@ -37,8 +37,8 @@ def found(home: Path, query: str, path: Path, change: str) -> bool:
     return any(h["path"] == str(path) and h["change"] == change for h in search(home, query))
 
 
-def stop(proc: subprocess.Popen, timeout: float = 20) -> int:
-    proc.send_signal(signal.SIGTERM)
+def stop(proc: subprocess.Popen, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+    proc.send_signal(signum)
     return proc.wait(timeout)
 
 
@@ -99,7 +99,8 @@ def test_changes_are_searchable_and_survive_kill_9(tmp_path: Path, project: Path
     assert Counter(json.loads(a)["change"] for a in audit) == Counter(created=2, modified=2, deleted=1)
 
 
-def test_sigterm_stops_quickly_and_keeps_the_last_change(tmp_path: Path, project: Path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_is_quick_and_keeps_the_last_change(tmp_path: Path, project: Path, signum):
     home = make_home(tmp_path, project, debounce_ms=2000)
     proc = start_daemon(home)
     try:
@@ -107,7 +108,7 @@ def test_sigterm_stops_quickly_and_keeps_the_last_change(tmp_path: Path, project
         (project / "last_minute.py").write_text("saved = 'just before shutdown'\n")
         time.sleep(0.3)  # seen by the observer, far inside its 2 s debounce window
         started = time.monotonic()
-        assert stop(proc) == 0
+        assert stop(proc, signum) == 0
         assert time.monotonic() - started < 10
     finally:
         if proc.poll() is None:
