@@ -107,9 +107,9 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def start_daemon(home: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
+def start_daemon(home: Path, *extra: str, log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     """Start `gremlin daemon` as a real process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log or home / "daemon.out", "ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen([*GREMLIN, "--home", str(home), "daemon", *extra], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=REPO, env=env)

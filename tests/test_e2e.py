@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -117,16 +118,22 @@ def test_a_stop_signal_is_quick_and_keeps_the_last_change(tmp_path: Path, projec
     assert not (home / "run" / "gremlin.sock").exists()
 
 
-def test_a_second_daemon_refuses_to_start(tmp_path: Path, project: Path):
+def test_a_second_daemon_refuses_to_start_and_systemd_is_told(tmp_path: Path, project: Path):
     home = make_home(tmp_path, project)
-    proc = start_daemon(home)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # stands in for systemd's socket
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(READY_S)
+    proc = start_daemon(home, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     try:
+        assert notify.recv(4096).startswith(b"READY=1\nSTATUS=watching 1 roots")
         wait_ready(home, proc)
         second = gremlin("daemon", home=home, check=False, timeout=60)
         assert second.returncode == 1
-        assert f"already running on this home" in second.stderr and str(proc.pid) in second.stderr
+        assert "already running on this home" in second.stderr and str(proc.pid) in second.stderr
         assert stop(proc) == 0
+        assert notify.recv(4096) == b"STOPPING=1"
     finally:
+        notify.close()
         if proc.poll() is None:
             proc.kill()
 
