@@ -20,7 +20,7 @@ from pathlib import Path
 from agent_core.control import ControlServer
 from config.errors import GremlinError
 from config.settings import notify_socket
-from memory.service import Memory
+from memory.service import EmbedQueue, Memory
 from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
 from self_mutation_watcher.watcher import Watcher
@@ -120,6 +120,7 @@ class Daemon:
         self.store: Store | None = None
         self.memory: Memory | None = None
         self.watcher: Watcher | None = None
+        self.embedding: EmbedQueue | None = None
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: ask the main loop to stop; a second signal forces an exit."""
@@ -163,7 +164,10 @@ class Daemon:
                                                     "index_size": self.memory.index.ntotal,
                                                     "seconds": round(time.monotonic() - t0, 2)})
         self.memory.catch_up()
-        self.watcher = Watcher(s, self.store, self.memory.ingest)
+        self.embedding = EmbedQueue(self.memory)
+        self.embedding.start()
+        stack.callback(self.embedding.stop)  # after the watcher has handed over its last events
+        self.watcher = Watcher(s, self.store, self.embedding.submit)
         self.watcher.start()
         stack.callback(self.watcher.stop)
         control = ControlServer(s, {"status": self.status, "search": self.search})
@@ -180,7 +184,7 @@ class Daemon:
         return {
             "running": True, "pid": os.getpid(), "state": self.state, "started": self.started,
             "home": str(self.settings.home), "roots": [str(r) for r in w.roots],
-            "pending": w.pending, "watcher": {"events": w.stats.events, "checked": w.stats.checked,
+            "pending": w.pending, "embedding": self.embedding.waiting, "watcher": {"events": w.stats.events, "checked": w.stats.checked,
                                               "errors": w.stats.errors, "last_error": w.stats.last_error},
             "counts": self.store.counts(), **self.memory.describe(),
             "recent_events": self.store.recent_events(RECENT_EVENTS),

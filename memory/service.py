@@ -10,6 +10,8 @@ by `catch_up` on the next start.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,7 +23,6 @@ from memory.vector_store.embedder import Embedder
 from memory.vector_store.index import VectorIndex, index_path
 
 logger = logging.getLogger(__name__)
-audit = logging.getLogger("gremlin.audit")
 
 PREVIEW_LINES = 3
 PREVIEW_CHARS = 160
@@ -66,12 +67,7 @@ class Memory:
 
     def ingest(self, stored: Sequence[StoredEvent]) -> int:
         """Embed and index the memories of freshly committed events; return how many."""
-        pairs = [(s.memory_id, s.event.memory_text or "") for s in stored if s.memory_id is not None]
-        for s in stored:
-            audit.info("stored", extra={"event_id": s.event_id, "memory_id": s.memory_id,
-                                        "change": s.event.kind, "path": s.event.path,
-                                        "sha": s.event.new_sha or s.event.old_sha})
-        return self.embed_memories(pairs)
+        return self.embed_memories(_pairs(stored))
 
     def embed_memories(self, pairs: Sequence[tuple[int, str]]) -> int:
         """Encode (id, text) pairs, commit their vectors, then add them to the index."""
@@ -117,6 +113,75 @@ class Memory:
         return {"model_id": self.model_id, "model_path": str(self.embedder.path),
                 "device": self.embedder.device, "index_size": self.index.ntotal,
                 "index_file": str(path), "index_saved": path.exists()}
+
+
+def _pairs(stored: Sequence[StoredEvent]) -> list[tuple[int, str]]:
+    return [(s.memory_id, s.event.memory_text or "") for s in stored if s.memory_id is not None]
+
+
+class EmbedQueue:
+    """Embeds committed memories on its own thread, batching whatever has arrived.
+
+    The watcher hands over events it has already committed and goes back to diffing, so
+    diffing the next files overlaps with encoding these. Memories whose encoding keeps
+    failing stay in the database without a vector; `Memory.catch_up` embeds them later.
+    """
+
+    RETRIES = 3
+
+    def __init__(self, memory: Memory, max_batch: int = 256):
+        self.memory = memory
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="gremlin-embed", daemon=True)
+        self.waiting = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        """Start the encoding thread."""
+        self._thread.start()
+
+    def submit(self, stored: Sequence[StoredEvent]) -> None:
+        """Queue the memories of committed events (the watcher's sink)."""
+        pairs = _pairs(stored)
+        self.waiting += len(pairs)
+        for pair in pairs:
+            self._queue.put(pair)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Embed everything queued, then stop."""
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch, stopping = self._take()
+            if batch:
+                self._embed(batch)
+
+    def _take(self) -> tuple[list[tuple[int, str]], bool]:
+        batch = [self._queue.get()]
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        stop = None in batch
+        return [p for p in batch if p is not None], stop
+
+    def _embed(self, batch: list[tuple[int, str]]) -> None:
+        for attempt in range(1, self.RETRIES + 1):
+            try:
+                self.memory.embed_memories(batch)
+                break
+            except Exception:  # noqa: BLE001 - the rows are safe; never let this thread die
+                self.errors += 1
+                logger.exception("embedding failed", extra={"memories": len(batch), "attempt": attempt,
+                                                            "first_id": batch[0][0]})
+                time.sleep(min(30.0, 2.0 ** attempt))
+        self.waiting -= len(batch)
 
 
 def _hit(row: dict, score: float) -> SearchHit:

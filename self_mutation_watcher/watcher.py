@@ -31,8 +31,9 @@ from memory.store import FileState, NewEvent, StoredEvent, Store
 from self_mutation_watcher.diff_engine import ChangeDetector, ShadowStore
 
 logger = logging.getLogger(__name__)
+audit = logging.getLogger("gremlin.audit")
 
-BATCH_PATHS = 256
+BATCH_PATHS = 64  # small batches: encoding of one overlaps diffing of the next
 RETRY_MAX_S = 30.0
 # Gremlin's own log files: watching them would make every event log a new event.
 OWN_LOG_PREFIXES = ("gremlin.log", "bootstrap.log")
@@ -338,6 +339,10 @@ class Watcher:
                 self._queue.put(hint)
             return
         self.stats.events += len(stored)
+        for s in stored:
+            audit.info("mutation stored", extra={"event_id": s.event_id, "memory_id": s.memory_id,
+                                                 "change": s.event.kind, "path": s.event.path,
+                                                 "sha": s.event.new_sha or s.event.old_sha})
         if stored:
             try:
                 self.sink(stored)

@@ -77,3 +77,15 @@ def test_preview_shows_changed_lines():
     text = "modified a.py\n--- a/a.py\n+++ b/a.py\n@@ -1 +1 @@\n-old line\n+new line\n context"
     assert make_preview(text) == "-old line\n+new line"
     assert make_preview("deleted big.bin (binary, 10 bytes)") == "deleted big.bin (binary, 10 bytes)"
+
+
+def test_embed_queue_embeds_everything_submitted_before_stop(settings, store, embedder):
+    from memory.service import EmbedQueue
+
+    memory = Memory(settings, store, embedder)
+    queue = EmbedQueue(memory, max_batch=2)
+    queue.start()
+    queue.submit(store.record_events(_events(DIFFS)))
+    queue.stop()
+    assert store.vector_count(embedder.model_id) == 4 and memory.index.ntotal == 4
+    assert queue.waiting == 0 and queue.errors == 0
