@@ -45,12 +45,8 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         line = self.rfile.readline(MAX_REQUEST_BYTES)
         try:
-            request = json.loads(line)
-            op = self.server.ops[request["op"]]
-            answer = {"ok": True, "result": op(**request.get("args", {}))}
-        except KeyError as exc:
-            answer = {"ok": False, "error": f"unknown or malformed request: missing {exc}"}
-        except (ValueError, TypeError) as exc:
+            answer = {"ok": True, "result": self._answer(line)}
+        except (ValueError, TypeError, KeyError) as exc:
             answer = {"ok": False, "error": f"bad request: {exc}"}
         except GremlinError as exc:
             answer = {"ok": False, "error": str(exc)}
@@ -58,6 +54,15 @@ class _Handler(socketserver.StreamRequestHandler):
             logger.exception("control request failed")
             answer = {"ok": False, "error": f"internal error: {exc}"}
         self.wfile.write(json.dumps(answer, default=str).encode() + b"\n")
+
+    def _answer(self, line: bytes) -> object:
+        request = json.loads(line)
+        if not isinstance(request, dict) or request.get("op") not in self.server.ops:
+            raise ValueError(f"unknown operation; known: {', '.join(self.server.ops)}")
+        args = request.get("args", {})
+        if not isinstance(args, dict):
+            raise ValueError("args must be an object")
+        return self.server.ops[request["op"]](**args)
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):

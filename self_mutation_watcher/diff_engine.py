@@ -136,7 +136,7 @@ def parse_diff(text: str, max_bytes: int) -> Diff:
     added, removed = sum(h.added for h in hunks), sum(h.removed for h in hunks)
     cut = text.encode()[:max_bytes].decode("utf-8", errors="ignore")
     truncated = len(cut) < len(text)
-    if truncated:
+    if truncated and cut.rfind("\n") >= len(cut) // 2:  # end at a whole line unless lines are huge
         cut = cut[:cut.rfind("\n") + 1]
     return Diff(cut, hunks, added, removed, truncated, parsed)
 

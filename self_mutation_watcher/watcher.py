@@ -226,7 +226,10 @@ class Watcher:
             due = self._take_due(time.monotonic(), flush=stopping)
             if due:
                 self._process(due)
-            self._idle.clear() if (self._pending or not self._queue.empty()) else self._idle.set()
+            if self._pending or not self._queue.empty():
+                self._idle.clear()
+            else:
+                self._idle.set()
         logger.info("watcher stopped", extra={"events": self.stats.events})
 
     def _next_timeout(self) -> float:

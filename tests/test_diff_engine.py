@@ -203,3 +203,8 @@ def test_permission_denied_is_a_warning_naming_the_path():
         assert {"msg": "cannot read file, skipping it", "path": str(locked)} in out["logs"]
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_a_single_huge_line_is_cut_not_emptied():
+    diff = parse_diff("--- a/x\n+++ b/x\n@@ -0,0 +1 @@\n+" + "y" * 5000 + "\n", 300)
+    assert diff.truncated and len(diff.text) == 300 and diff.text.startswith("--- a/x")
