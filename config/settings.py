@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tomllib
 import typing
@@ -49,6 +50,12 @@ class WatchSettings:
     max_wait_ms: int = 2000
     max_file_bytes: int = 1_048_576
     max_diff_bytes: int = 262_144
+    reconcile_interval_s: float = 300.0
+    redact: bool = True
+    redact_patterns: tuple[str, ...] = ()
+    log_repeat_window_s: float = 300.0
+    drift_window: int = 50
+    drift_threshold: float = 0.30
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ CHOICES = {
 MINIMUMS = {
     ("watch", "debounce_ms"): 0, ("watch", "max_wait_ms"): 0,
     ("watch", "max_file_bytes"): 1, ("watch", "max_diff_bytes"): 1,
+    ("watch", "reconcile_interval_s"): 0, ("watch", "log_repeat_window_s"): 0,
+    ("watch", "drift_window"): 1, ("watch", "drift_threshold"): 0,
     ("model", "batch_size"): 1, ("model", "max_seq_length"): 8,
     ("memory", "index_save_interval_s"): 0, ("memory", "memory_chars"): 64,
     ("logging", "max_bytes"): 1024, ("logging", "backup_count"): 0,
@@ -255,6 +264,12 @@ def _type_name(hint) -> str:
 
 
 def _check_rules(section: str, key: str, value, where: str) -> None:
+    if (section, key) == ("watch", "redact_patterns"):
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression ({exc})") from exc
     choices = CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)} (got {value!r})")

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,8 @@ MIGRATIONS: tuple[str, ...] = (
         new_sha TEXT,
         size INTEGER,
         diff TEXT,
-        meta TEXT NOT NULL DEFAULT '{}'
+        meta TEXT NOT NULL DEFAULT '{}',
+        old_path TEXT
     );
     CREATE INDEX events_path ON events(path, id);
     CREATE TABLE memories (
@@ -61,11 +62,27 @@ MIGRATIONS: tuple[str, ...] = (
         sha TEXT,
         size INTEGER NOT NULL,
         mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL DEFAULT 0,
+        head TEXT,
         updated TEXT NOT NULL
     );
     CREATE TABLE roots (
         path TEXT PRIMARY KEY,
         baselined TEXT NOT NULL
+    );
+    CREATE TABLE failures (
+        signature TEXT PRIMARY KEY,
+        event_id INTEGER NOT NULL REFERENCES events(id),
+        title TEXT NOT NULL,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        count INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE own_writes (
+        path TEXT NOT NULL,
+        sha TEXT NOT NULL,
+        expires TEXT NOT NULL,
+        PRIMARY KEY (path, sha)
     );
     CREATE TABLE tasks (
         id INTEGER PRIMARY KEY,
@@ -111,13 +128,19 @@ def utc_now(now: datetime | None = None) -> str:
 
 @dataclass(frozen=True)
 class FileState:
-    """What Gremlin last saw of one watched file (sha is None when not hashed)."""
+    """What Gremlin last saw of one watched file.
+
+    `sha` is None when the content was not hashed (too large, a log). For a log, `size` is
+    the offset read so far and `head` identifies its first bytes, to find it after rotation.
+    """
 
     path: str
     root: str
     sha: str | None
     size: int
     mtime_ns: int
+    inode: int = 0
+    head: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,9 @@ class NewEvent:
     memory_kind: str | None = None
     memory_text: str | None = None
     memory_meta: dict = field(default_factory=dict)
+    old_path: str | None = None  # a move: the path the file had before (its state is dropped)
+    signature: str | None = None  # a failure: repeats of one signature are counted, not stored
+    title: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,24 +242,57 @@ class Store:
 
     # -- events and memories ---------------------------------------------------------
 
-    def record_events(self, events: Sequence[NewEvent]) -> list[StoredEvent]:
-        """Commit events, their memories and the files' new states in one transaction."""
+    def record_events(self, events: Sequence[NewEvent], repeat_window_s: float = 0) -> list[StoredEvent]:
+        """Commit events, their memories and the files' new states in one transaction.
+
+        A failure whose signature was recorded less than `repeat_window_s` ago is not stored
+        again: its count and last-seen time go up instead (the file state still advances).
+        """
         stored = []
         with self.transaction() as conn:
             for ev in events:
+                _write_file_state(conn, ev.path, ev.state, ev.time)
+                if ev.old_path:
+                    _write_file_state(conn, ev.old_path, None, ev.time)
+                if ev.signature and _count_repeat(conn, ev, repeat_window_s):
+                    continue
                 event_id = conn.execute(
-                    "INSERT INTO events (time, kind, path, root, old_sha, new_sha, size, diff, meta)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO events (time, kind, path, root, old_sha, new_sha, size, diff, meta, old_path)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (ev.time, ev.kind, ev.path, ev.root, ev.old_sha, ev.new_sha, ev.size,
-                     ev.diff, json.dumps(ev.meta)),
+                     ev.diff, json.dumps(ev.meta), ev.old_path),
                 ).lastrowid
                 memory_id = None
                 if ev.memory_kind:
                     memory_id = _insert_memory(conn, ev.memory_kind, ev.memory_text or "",
                                                ev.memory_meta, ev.time, event_id)
-                _write_file_state(conn, ev.path, ev.state, ev.time)
+                if ev.signature:
+                    conn.execute("INSERT OR REPLACE INTO failures (signature, event_id, title, first_seen,"
+                                 " last_seen, count) VALUES (?, ?, ?, ?, ?, 1)",
+                                 (ev.signature, event_id, ev.title or "", ev.time, ev.time))
                 stored.append(StoredEvent(event_id, memory_id, ev))
         return stored
+
+    def failure_counts(self, limit: int = 20) -> list[dict]:
+        """Failure signatures seen most recently, with how often each repeated."""
+        rows = self._query("SELECT signature, event_id, title, first_seen, last_seen, count FROM failures"
+                           " ORDER BY last_seen DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def expect_own_write(self, path: str, sha: str, ttl_s: float = 300, now: datetime | None = None) -> None:
+        """Announce that Gremlin itself is about to write `sha` to `path` (rollback, patch)."""
+        now = now or datetime.now(timezone.utc)
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM own_writes WHERE expires < ?", (utc_now(now),))
+            conn.execute("INSERT OR REPLACE INTO own_writes (path, sha, expires) VALUES (?, ?, ?)",
+                         (path, sha, utc_now(now + timedelta(seconds=ttl_s))))
+
+    def is_own_write(self, path: str, sha: str | None, now: datetime | None = None) -> bool:
+        """Whether this content of this path was announced as Gremlin's own write."""
+        if not sha:
+            return False
+        return bool(self._query("SELECT 1 FROM own_writes WHERE path = ? AND sha = ? AND expires >= ?",
+                                (path, sha, utc_now(now))))
 
     def add_memory(self, kind: str, text: str, meta: dict | None = None,
                    replaceable: bool = True, now: datetime | None = None) -> int:
@@ -261,34 +320,38 @@ class Store:
 
     def recent_events(self, limit: int = 10) -> list[dict]:
         """The newest events, newest first, without their diff text."""
-        rows = self._query("SELECT id, time, kind, path, size, meta FROM events"
+        rows = self._query("SELECT id, time, kind, path, old_path, size, meta FROM events"
                            " ORDER BY id DESC LIMIT ?", (limit,))
         return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
 
     def events_for_path(self, path: str) -> list[dict]:
         """Every event of one path, oldest first."""
-        rows = self._query("SELECT id, time, kind, path, old_sha, new_sha, size, diff, meta"
+        rows = self._query("SELECT id, time, kind, path, old_path, old_sha, new_sha, size, diff, meta"
                            " FROM events WHERE path = ? ORDER BY id", (path,))
         return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
 
     def counts(self) -> dict[str, int]:
         """Row counts of the main tables."""
-        tables = ("events", "memories", "vectors", "files", "tasks", "runs", "models")
+        tables = ("events", "memories", "vectors", "files", "failures", "tasks", "runs", "models")
         return {t: self._query(f"SELECT count(*) FROM {t}")[0][0] for t in tables}
 
     # -- watched files ---------------------------------------------------------------
 
     def file_state(self, path: str) -> FileState | None:
         """The last recorded state of one file."""
-        rows = self._query("SELECT path, root, sha, size, mtime_ns FROM files WHERE path = ?", (path,))
+        rows = self._query("SELECT path, root, sha, size, mtime_ns, inode, head FROM files WHERE path = ?", (path,))
         return FileState(**dict(rows[0])) if rows else None
 
     def file_states_under(self, directory: str) -> dict[str, FileState]:
         """Recorded states of every file inside `directory` (a path prefix ending at a '/')."""
         prefix = directory.rstrip("/") + "/"
-        rows = self._query("SELECT path, root, sha, size, mtime_ns FROM files"
+        rows = self._query("SELECT path, root, sha, size, mtime_ns, inode, head FROM files"
                            " WHERE path >= ? AND path < ?", (prefix, prefix[:-1] + "0"))
         return {r["path"]: FileState(**dict(r)) for r in rows}
+
+    def file_shas(self) -> set[str]:
+        """The content hashes of every recorded file (the shadow copies still needed)."""
+        return {r[0] for r in self._query("SELECT DISTINCT sha FROM files WHERE sha IS NOT NULL")}
 
     def save_file_states(self, states: Iterable[FileState], now: datetime | None = None) -> None:
         """Record file states that produce no event (a baseline, a touched-only file)."""
@@ -367,10 +430,24 @@ def _write_file_state(conn: sqlite3.Connection, path: str, state: FileState | No
         conn.execute("DELETE FROM files WHERE path = ?", (path,))
         return
     conn.execute(
-        "INSERT INTO files (path, root, sha, size, mtime_ns, updated) VALUES (?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT(path) DO UPDATE SET root = excluded.root, sha = excluded.sha,"
-        " size = excluded.size, mtime_ns = excluded.mtime_ns, updated = excluded.updated",
-        (state.path, state.root, state.sha, state.size, state.mtime_ns, stamp))
+        "INSERT INTO files (path, root, sha, size, mtime_ns, inode, head, updated)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET root = excluded.root,"
+        " sha = excluded.sha, size = excluded.size, mtime_ns = excluded.mtime_ns,"
+        " inode = excluded.inode, head = excluded.head, updated = excluded.updated",
+        (state.path, state.root, state.sha, state.size, state.mtime_ns, state.inode, state.head, stamp))
+
+
+def _count_repeat(conn: sqlite3.Connection, ev: NewEvent, window_s: float) -> bool:
+    """Count a repeat of a recent failure signature; False when it must be stored anew."""
+    row = conn.execute("SELECT last_seen FROM failures WHERE signature = ?", (ev.signature,)).fetchone()
+    if row is None:
+        return False
+    age = (datetime.fromisoformat(ev.time) - datetime.fromisoformat(row[0])).total_seconds()
+    if age >= window_s:
+        return False
+    conn.execute("UPDATE failures SET count = count + 1, last_seen = ? WHERE signature = ?",
+                 (ev.time, ev.signature))
+    return True
 
 
 def _memory_dict(row: sqlite3.Row) -> dict:

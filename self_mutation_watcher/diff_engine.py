@@ -10,10 +10,10 @@ failure memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-import re
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -24,15 +24,13 @@ import unidiff
 from config.errors import GremlinError
 from memory.atomic import write_bytes_atomically
 from memory.store import FileState, NewEvent, Store, utc_now
+from self_mutation_watcher import log_tail
+from self_mutation_watcher.redact import Redactor
 
 logger = logging.getLogger(__name__)
 
 DIFF_TIMEOUT_S = 30
 BINARY_SNIFF_BYTES = 8192
-# Lines that mark appended log text as a failure; issue-level grouping builds on this.
-FAILURE_LINE = re.compile(
-    r"Traceback \(most recent call last\)|\b(ERROR|CRITICAL|FATAL)\b|^\s*\w+(Error|Exception)\b")
-FAILURE_CONTEXT_LINES = 2
 
 
 class DiffError(GremlinError):
@@ -105,8 +103,20 @@ class ShadowStore:
         """Store `data` once (atomically) and return its sha256."""
         sha = sha or sha256_bytes(data)
         if not self.has(sha):
+            if not self.root.exists():  # copies of watched files: only Gremlin's user may read them
+                self.root.mkdir(parents=True, mode=0o700)
             write_bytes_atomically(self.path(sha), data)
         return sha
+
+    def prune(self, keep: set[str]) -> int:
+        """Delete copies whose sha is not in `keep` (no file's last content); return how many."""
+        removed = 0
+        for fan in self.root.glob("??"):
+            for blob in fan.iterdir():
+                if fan.name + blob.name not in keep and not blob.name.startswith("."):
+                    blob.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
 
 def unified_diff(old: Path | None, new: Path | None, label: str, max_bytes: int) -> Diff:
@@ -141,37 +151,39 @@ def parse_diff(text: str, max_bytes: int) -> Diff:
     return Diff(cut, hunks, added, removed, truncated, parsed)
 
 
-def failure_excerpt(text: str) -> str | None:
-    """The part of appended log text from just before its first failure line, or None."""
-    lines = text.splitlines()
-    for number, line in enumerate(lines):
-        if FAILURE_LINE.search(line):
-            return "\n".join(lines[max(0, number - FAILURE_CONTEXT_LINES):])
-    return None
+@dataclass(frozen=True)
+class Outcome:
+    """What a check found: events to record, a state to save silently, or ask again later."""
+
+    events: tuple[NewEvent, ...] = ()
+    state: FileState | None = None
+    retry: bool = False
+
+
+NOTHING = Outcome()
+RETRY = Outcome(retry=True)
 
 
 class ChangeDetector:
-    """Compares a file on disk with its recorded state and says what changed.
-
-    `check` returns a NewEvent to record, a FileState to save silently (a baseline, a
-    touched but unchanged file, a log that advanced without failures), or None.
-    """
+    """Compares a file on disk with its recorded state and says what changed."""
 
     def __init__(self, store: Store, shadow: ShadowStore, watch, memory_chars: int,
-                 is_log=lambda path: False):
+                 is_log=lambda path: False, redactor: Redactor | None = None):
         self.store = store
         self.shadow = shadow
         self.watch = watch
         self.memory_chars = memory_chars
         self.is_log = is_log
+        self.redactor = redactor or Redactor.build(watch.redact, watch.redact_patterns)
 
     def check(self, path: Path, root: Path, *, trust_stat: bool = False,
               baseline_before_ns: int | None = None, prev: FileState | None = None,
-              known: bool = False) -> NewEvent | FileState | None:
+              known: bool = False) -> Outcome:
         """What happened to `path` since it was last recorded (`prev`, looked up unless known).
 
         With `baseline_before_ns`, a file last modified before that time is recorded silently
         (a root's first scan); one modified after it changed while being watched: an event.
+        A file that changes while it is read is not recorded half-written: `retry` is set.
         """
         if not known:
             prev = self.store.file_state(str(path))
@@ -180,88 +192,147 @@ class ChangeDetector:
             if not stat.S_ISREG(st.st_mode):  # symlinks are not followed; a dir is not a file
                 return self._deleted(path, root, prev)
             if trust_stat and prev and (prev.size, prev.mtime_ns) == (st.st_size, st.st_mtime_ns):
-                return None
+                return NOTHING
             baseline = baseline_before_ns is not None and st.st_mtime_ns < baseline_before_ns
-            return self._inspect(path, root, prev, st, baseline)
+            if self.is_log(path):
+                return self._log(path, root, prev, st, baseline)
+            return self._file(path, root, prev, st, baseline)
         except FileNotFoundError:  # gone, perhaps between stat and read
             return self._deleted(path, root, prev)
         except (PermissionError, IsADirectoryError) as exc:
             logger.warning("cannot read file, skipping it", extra={"path": str(path), "error": str(exc)})
-            return None
+            return NOTHING
 
-    def _inspect(self, path, root, prev, st, baseline: bool):
-        if self.is_log(path):
-            return self._log(path, root, prev, st, baseline)
+    def merge_move(self, gone: NewEvent, came: NewEvent) -> NewEvent:
+        """One `moved` event from the delete of the old path and the create of the new one."""
+        old, new = Path(gone.path), Path(came.path)
+        old_blob = self.shadow.path(gone.old_sha) if self.shadow.has(gone.old_sha) else None
+        new_blob = self.shadow.path(came.new_sha) if self.shadow.has(came.new_sha) else None
+        meta = {"old_path": gone.path}
+        diff = None
+        if gone.old_sha != came.new_sha and old_blob and new_blob:
+            result = unified_diff(old_blob, new_blob, _label(new, Path(came.root)), self.watch.max_diff_bytes)
+            diff, meta = result.text, {**meta, **result.meta()}
+        elif gone.old_sha == came.new_sha:
+            meta["same_content"] = True
+        else:
+            meta["metadata_only"] = True
+        header = f"moved {_label(old, Path(gone.root))} -> {_label(new, Path(came.root))}"
+        return self._event("moved", new, Path(came.root), came.state, _state_of(gone), diff, meta,
+                           old_path=gone.path, header=header)
+
+    def _file(self, path, root, prev, st, baseline: bool) -> Outcome:
         if st.st_size > self.watch.max_file_bytes:
             return self._metadata_only(path, root, prev, st, None, baseline, "too_large")
-        data = _read_capped(path, self.watch.max_file_bytes)
-        if data is None:  # grew past the limit while being read
+        data, changed = _read_checked(path, st, self.watch.max_file_bytes)
+        if changed:  # still being written: check again once it is quiet
+            return RETRY
+        if data is None:
             return self._metadata_only(path, root, prev, st, None, baseline, "too_large")
-        return self._content(path, root, prev, st, data, baseline)
-
-    def _content(self, path, root, prev, st, data: bytes, baseline: bool):
         sha = sha256_bytes(data)
-        state = FileState(str(path), str(root), sha, len(data), st.st_mtime_ns)
+        state = FileState(str(path), str(root), sha, len(data), st.st_mtime_ns, st.st_ino)
         if prev and prev.sha == sha:
-            return state if (prev.size, prev.mtime_ns) != (state.size, state.mtime_ns) else None
+            return Outcome(state=state) if _stat_of(prev) != _stat_of(state) else NOTHING
         if is_binary(data):
             return self._metadata_only(path, root, prev, st, sha, baseline, "binary")
         self.shadow.put(data, sha)
         if baseline:
-            return state
+            return Outcome(state=state)
         old = self.shadow.path(prev.sha) if prev and self.shadow.has(prev.sha) else None
         diff = unified_diff(old, self.shadow.path(sha), _label(path, root), self.watch.max_diff_bytes)
-        _, invalid = decode_text(data)
-        flags = {"invalid_utf8": True} if invalid else {}
+        flags = {"invalid_utf8": True} if decode_text(data)[1] else {}
         if prev and old is None:
             flags["previous_unknown"] = True
         change = "modified" if prev else "created"
-        return self._event(change, path, root, state, prev, diff.text, {**diff.meta(), **flags})
+        return Outcome((self._event(change, path, root, state, prev, diff.text, {**diff.meta(), **flags}),))
 
-    def _deleted(self, path, root, prev: FileState | None):
+    def _deleted(self, path, root, prev: FileState | None) -> Outcome:
         if prev is None:
-            return None
+            return NOTHING
         old = self.shadow.path(prev.sha) if self.shadow.has(prev.sha) else None
         diff = unified_diff(old, None, _label(path, root), self.watch.max_diff_bytes) if old else None
         meta = diff.meta() if diff else {"metadata_only": True}
-        return self._event("deleted", path, root, None, prev, diff.text if diff else None, meta)
+        return Outcome((self._event("deleted", path, root, None, prev, diff.text if diff else None, meta),))
 
-    def _metadata_only(self, path, root, prev, st, sha, baseline: bool, reason: str):
-        state = FileState(str(path), str(root), sha, st.st_size, st.st_mtime_ns)
-        unchanged = prev and (prev.sha, prev.size, prev.mtime_ns) == (sha, st.st_size, st.st_mtime_ns)
-        if baseline or unchanged:
-            return None if unchanged else state
+    def _metadata_only(self, path, root, prev, st, sha, baseline: bool, reason: str) -> Outcome:
+        state = FileState(str(path), str(root), sha, st.st_size, st.st_mtime_ns, st.st_ino)
+        if prev and (prev.sha, prev.size, prev.mtime_ns) == (sha, st.st_size, st.st_mtime_ns):
+            return NOTHING
+        if baseline:
+            return Outcome(state=state)
         change = "modified" if prev else "created"
-        return self._event(change, path, root, state, prev, None, {reason: True, "metadata_only": True})
+        return Outcome((self._event(change, path, root, state, prev, None, {reason: True, "metadata_only": True}),))
 
-    def _log(self, path, root, prev, st, baseline: bool):
-        start = prev.size if prev and prev.size <= st.st_size else 0
-        if baseline and prev is None:  # first sight of an old log: follow it from its end
-            start = st.st_size
-        chunk = _read_range(path, start, min(st.st_size - start, self.watch.max_file_bytes))
+    def _log(self, path, root, prev, st, baseline: bool) -> Outcome:
+        """Appended text since the saved offset (across rotation); failures become events."""
+        rest, rotated = b"", False
+        if prev and prev.inode and (prev.inode != st.st_ino or st.st_size < prev.size):
+            rotated = True  # renamed away (new inode) or truncated in place (copytruncate)
+            rest = self._rotated_rest(path, prev, renamed=prev.inode != st.st_ino)
+        start = 0 if rotated or not prev else prev.size
+        if not prev and baseline:
+            start = st.st_size  # an old log seen for the first time: follow it from its end
+        chunk = log_tail.read_range(path, start, min(st.st_size - start, self.watch.max_file_bytes))
         consumed = chunk[:chunk.rfind(b"\n") + 1]  # a partial last line waits for its end
-        state = FileState(str(path), str(root), None, start + len(consumed), st.st_mtime_ns)
-        excerpt = failure_excerpt(decode_text(consumed)[0])
-        if excerpt is None:
-            return state if state != prev else None
-        meta = {"offset": start, "bytes": len(consumed), "log": True}
-        return self._event("log", path, root, state, prev, excerpt, meta, memory_kind="failure")
+        head = log_tail.head_signature(log_tail.read_head(path)) if st.st_size else None
+        state = FileState(str(path), str(root), None, start + len(consumed), st.st_mtime_ns, st.st_ino, head)
+        failures = log_tail.group_failures(decode_text(rest + consumed)[0])
+        if not failures:
+            return Outcome(state=state) if state != prev else NOTHING
+        base = {"offset": start, "bytes": len(consumed), "rotated": rotated}
+        return Outcome(tuple(self._failure_event(path, root, state, prev, f, base) for f in failures))
+
+    def _rotated_rest(self, path: Path, prev: FileState, renamed: bool) -> bytes:
+        """What the rotated-away file got after our offset (lines written just before rotation)."""
+        sibling = log_tail.rotated_sibling(path, prev.inode if renamed else 0, prev.head, prev.size)
+        if sibling is None:
+            logger.warning("log rotated and its old file was not found; lines written just before "
+                           "the rotation may be missed", extra={"path": str(path)})
+            return b""
+        size = sibling.stat().st_size
+        logger.info("log rotated, reading the rest of the old file",
+                    extra={"path": str(path), "rotated_to": str(sibling), "bytes": size - prev.size})
+        return log_tail.read_range(sibling, prev.size, min(size - prev.size, self.watch.max_file_bytes))
+
+    def _failure_event(self, path, root, state, prev, failure: log_tail.Failure, base: dict) -> NewEvent:
+        meta = {**base, "title": failure.title, "file": failure.file, "line": failure.line,
+                "signature": failure.signature}
+        event = self._event("log", path, root, state, prev, failure.text, meta, memory_kind="failure",
+                            header=f"failure in {_label(path, root)}: {failure.title}")
+        return dataclasses.replace(event, signature=failure.signature, title=failure.title)
 
     def _event(self, change: str, path: Path, root: Path, state: FileState | None,
                prev: FileState | None, diff_text: str | None, meta: dict,
-               memory_kind: str = "code_diff") -> NewEvent:
+               memory_kind: str = "code_diff", old_path: str | None = None,
+               header: str | None = None) -> NewEvent:
         label = _label(path, root)
         size = state.size if state else (prev.size if prev else None)
-        if diff_text:
-            text = f"{change} {label}\n{diff_text}"[:self.memory_chars]
-        else:
-            text = f"{change} {label} ({_describe(meta, size)})"
+        diff_text, found = self.redactor.redact(diff_text)
+        if found:
+            meta = {**meta, "redacted": found}
+            logger.info("secrets redacted from a change", extra={"path": str(path), "kinds": found})
+        new_sha = state.sha if state else None
+        if self.store.is_own_write(str(path), new_sha):
+            meta = {**meta, "by_gremlin": True}
+        header = header or f"{change} {label}"
+        text = f"{header}\n{diff_text}"[:self.memory_chars] if diff_text else f"{header} ({_describe(meta, size)})"
         return NewEvent(
             kind=change, path=str(path), root=str(root), time=utc_now(), state=state,
-            old_sha=prev.sha if prev else None, new_sha=state.sha if state else None,
-            size=size, diff=diff_text, meta=meta, memory_kind=memory_kind, memory_text=text,
+            old_sha=prev.sha if prev else None, new_sha=new_sha, size=size, diff=diff_text, meta=meta,
+            memory_kind=memory_kind, memory_text=text, old_path=old_path,
             memory_meta={"path": str(path), "label": label, "change": change,
                          **{k: v for k, v in meta.items() if k != "hunks"}})
+
+
+def _stat_of(state: FileState) -> tuple:
+    return state.size, state.mtime_ns, state.inode
+
+
+def _state_of(event: NewEvent) -> FileState | None:
+    """The state a deleted file had (for the old side of a move)."""
+    if event.old_sha is None and event.size is None:
+        return None
+    return FileState(event.path, event.root, event.old_sha, event.size or 0, 0)
 
 
 def _label(path: Path, root: Path) -> str:
@@ -273,18 +344,16 @@ def _label(path: Path, root: Path) -> str:
 
 
 def _describe(meta: dict, size: int | None) -> str:
+    if meta.get("same_content"):
+        return "content unchanged"
     kind = "binary" if meta.get("binary") else "over the size limit" if meta.get("too_large") else "no diff"
     return f"{kind}, {size} bytes" if size is not None else kind
 
 
-def _read_capped(path: Path, limit: int) -> bytes | None:
-    """The file's bytes, or None when it holds more than `limit`."""
+def _read_checked(path: Path, before: os.stat_result, limit: int) -> tuple[bytes | None, bool]:
+    """The file's bytes (None when over `limit`), and whether it changed while being read."""
     with open(path, "rb") as handle:
         data = handle.read(limit + 1)
-    return None if len(data) > limit else data
-
-
-def _read_range(path: Path, start: int, length: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        return handle.read(max(0, length))
+        after = os.fstat(handle.fileno())
+    changed = (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
+    return (None if len(data) > limit else data), changed

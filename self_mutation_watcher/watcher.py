@@ -24,17 +24,18 @@ import pathspec
 from watchdog.events import (EVENT_TYPE_CLOSED, EVENT_TYPE_CREATED, EVENT_TYPE_DELETED,
                              EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED, FileSystemEvent,
                              FileSystemEventHandler)
-from watchdog.observers import Observer
 
 from config.errors import GremlinError
-from memory.store import FileState, NewEvent, StoredEvent, Store
+from memory.store import FileState, NewEvent, StoredEvent, Store, utc_now
 from self_mutation_watcher.diff_engine import ChangeDetector, ShadowStore
+from self_mutation_watcher.observers import ObserverSet
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("gremlin.audit")
 
 BATCH_PATHS = 64  # small batches: encoding of one overlaps diffing of the next
 RETRY_MAX_S = 30.0
+RETRY_LIMIT = 5  # a file still changing after this many checks is recorded as it is
 # Gremlin's own log files: watching them would make every event log a new event.
 OWN_LOG_PREFIXES = ("gremlin.log", "bootstrap.log")
 _CHANGE_TYPES = (EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_DELETED, EVENT_TYPE_MOVED,
@@ -47,23 +48,25 @@ class WatchError(GremlinError):
 
 @dataclass(frozen=True)
 class Hint:
-    """A path worth checking; `scan` means a whole directory subtree."""
+    """A path worth checking; `scan` means a whole directory subtree; `moved_from` a rename."""
 
     path: str
     scan: bool = False
+    moved_from: str | None = None
 
 
 def hints_from_event(event: FileSystemEvent) -> list[Hint]:
     """The paths a raw watchdog event asks to check (none for opens and reads)."""
     if event.event_type not in _CHANGE_TYPES:
         return []
-    paths = [os.fsdecode(event.src_path)]
-    if event.event_type == EVENT_TYPE_MOVED:
-        paths.append(os.fsdecode(event.dest_path))
+    src = os.fsdecode(event.src_path)
+    dest = os.fsdecode(event.dest_path) if event.event_type == EVENT_TYPE_MOVED else None
     if event.is_directory:
         # A directory's own "modified" says nothing; created/moved/deleted ones may carry files.
-        return [] if event.event_type == EVENT_TYPE_MODIFIED else [Hint(p, scan=True) for p in paths]
-    return [Hint(p) for p in paths]
+        if event.event_type == EVENT_TYPE_MODIFIED:
+            return []
+        return [Hint(p, scan=True) for p in (src, dest) if p]
+    return [Hint(src), Hint(dest, moved_from=src)] if dest else [Hint(src)]
 
 
 class PathFilter:
@@ -149,12 +152,25 @@ class WatchStats:
     events: int = 0
     checked: int = 0
     errors: int = 0
+    retried: int = 0
     last_error: str | None = None
     reconciled: dict = field(default_factory=dict)
 
 
+class _OverflowSignal(logging.Handler):
+    """watchdog only logs a kernel queue overflow; turn that log line into a reconcile."""
+
+    def __init__(self, on_overflow: Callable[[], None]):
+        super().__init__(logging.WARNING)
+        self.on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in str(record.msg).lower():
+            self.on_overflow()
+
+
 class Watcher:
-    """The observer, the debounce queue and the worker that records changes."""
+    """The observers, the debounce queue and the worker that records changes."""
 
     def __init__(self, settings, store: Store, sink: Callable[[list[StoredEvent]], object],
                  roots: Sequence[Path] | None = None):
@@ -162,17 +178,22 @@ class Watcher:
         self.store = store
         self.sink = sink
         self.filter = PathFilter(settings, roots if roots is not None else settings.watch_roots)
-        self.detector = ChangeDetector(store, ShadowStore(settings.memory.shadow_dir), settings.watch,
-                                       settings.memory.memory_chars, is_log=self.filter.is_log)
-        self.debounce_s = settings.watch.debounce_ms / 1000
-        self.max_wait_s = settings.watch.max_wait_ms / 1000
+        self.shadow = ShadowStore(settings.memory.shadow_dir)
+        self.detector = ChangeDetector(store, self.shadow, settings.watch, settings.memory.memory_chars,
+                                       is_log=self.filter.is_log)
+        w = settings.watch
+        self.debounce_s, self.max_wait_s = w.debounce_ms / 1000, w.max_wait_ms / 1000
+        self.reconcile_s = w.reconcile_interval_s
         self.stats = WatchStats()
+        self.observers = ObserverSet(_EnqueueHandler(self._put), self.filter.accepts_dir)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[Hint, tuple[float, float]] = {}  # hint -> (first seen, last seen)
-        self._observer = None
+        self._retries: dict[str, int] = {}
         self._worker = threading.Thread(target=self._run, name="gremlin-watcher", daemon=True)
         self._idle = threading.Event()
         self._started_ns = 0
+        self._next_reconcile = float("inf")
+        self._overflow = _OverflowSignal(self.request_reconcile)
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -180,33 +201,33 @@ class Watcher:
         return self.filter.roots
 
     def start(self) -> None:
-        """Check the roots, start the observer, then reconcile every root in the worker."""
+        """Check the roots, start observing, then reconcile every root in the worker."""
         for root in self.roots:
             if not root.is_dir():
                 raise WatchError(f"watched path {root} does not exist or is not a directory; "
                                  "create it, or remove it from [watch] roots in "
                                  f"{self.settings.config_file} (or from --watch)")
         self._started_ns = time.time_ns()
-        self._observer = Observer()
-        handler = _EnqueueHandler(self._queue.put)
-        for root in self.roots:
-            try:
-                self._observer.schedule(handler, str(root), recursive=True)
-            except OSError as exc:
-                raise WatchError(f"cannot watch {root}: {exc}") from exc
-        self._observer.start()
-        for root in self.roots:  # after the observer: a change during the scan is not missed
-            self._queue.put(Hint(str(root), scan=True))
+        logging.getLogger("watchdog.observers.inotify").addHandler(self._overflow)
+        try:
+            self.observers.start(list(self.roots))
+        except OSError as exc:
+            raise WatchError(f"cannot watch {self.roots}: {exc}") from exc
+        self.request_reconcile()  # after the observers: a change during the scan is not missed
         self._worker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the observer, process every pending change at once, stop the worker."""
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout)
+        """Stop observing, process every pending change at once, stop the worker."""
+        self.observers.stop(timeout)
+        logging.getLogger("watchdog.observers.inotify").removeHandler(self._overflow)
         self._queue.put(None)
         if self._worker.is_alive():
             self._worker.join(timeout)
+
+    def request_reconcile(self) -> None:
+        """Compare every root with the recorded state soon (overflow, observer restart, schedule)."""
+        for root in self.roots:
+            self._put(Hint(str(root), scan=True))
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is queued or pending (for tests and benchmarks)."""
@@ -217,12 +238,24 @@ class Watcher:
         """Paths waiting for their debounce window."""
         return len(self._pending)
 
+    def describe(self) -> dict:
+        """Watcher facts for `gremlin status`."""
+        return {"events": self.stats.events, "checked": self.stats.checked, "errors": self.stats.errors,
+                "last_error": self.stats.last_error, "pending": self.pending,
+                "degraded": dict(self.observers.degraded), "observer_restarts": self.observers.restarts,
+                "watches": self.observers.watch_count, "reconciled": dict(self.stats.reconciled)}
+
+    def _put(self, hint: Hint) -> None:
+        self._queue.put(hint)
+
     # -- the worker ------------------------------------------------------------------
 
     def _run(self) -> None:
         stopping = False
+        self._next_reconcile = time.monotonic() + self.reconcile_s if self.reconcile_s else float("inf")
         while not (stopping and not self._pending):
             stopping = self._absorb(self._next_timeout()) or stopping
+            self._supervise(time.monotonic(), stopping)
             due = self._take_due(time.monotonic(), flush=stopping)
             if due:
                 self._process(due)
@@ -232,14 +265,27 @@ class Watcher:
                 self._idle.set()
         logger.info("watcher stopped", extra={"events": self.stats.events})
 
-    def _next_timeout(self) -> float:
-        if not self._pending:
-            return 1.0
-        now = time.monotonic()
-        due = min(min(last + self.debounce_s, first + self.max_wait_s)
-                  for first, last in self._pending.values())
-        return max(0.0, due - now)
+    def _supervise(self, now: float, stopping: bool) -> None:
+        """Restart dead observers, run the scheduled reconcile and prune shadow copies."""
+        if stopping:
+            return
+        if not self.observers.healthy():
+            self.observers.restart()
+            self.request_reconcile()
+        if now >= self._next_reconcile:
+            self._next_reconcile = now + self.reconcile_s
+            self.request_reconcile()
+            removed = self.shadow.prune(self.store.file_shas())
+            if removed:
+                logger.info("pruned shadow copies no file refers to", extra={"removed": removed})
 
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        due = self._next_reconcile
+        if self._pending:
+            due = min(due, min(min(last + self.debounce_s, first + self.max_wait_s)
+                               for first, last in self._pending.values()))
+        return max(0.0, min(1.0, due - now))
     def _absorb(self, timeout: float) -> bool:
         """Move queued hints into the pending map; True once the stop marker arrives."""
         try:
@@ -268,13 +314,15 @@ class Watcher:
 
     def _process(self, hints: list[Hint]) -> None:
         checks: dict[str, tuple] = {}
-        baselines = []
+        baselines: list[Path] = []
+        moves: dict[str, str] = {}
         for hint in sorted(hints, key=lambda h: not h.scan):  # a file's own hint wins over a scan
+            if hint.moved_from:
+                moves[hint.path] = hint.moved_from
             for path, root, kwargs in self._expand(hint, baselines):
                 checks[str(path)] = (path, root, kwargs)
-        items = list(checks.values())
-        for start in range(0, len(items), BATCH_PATHS):
-            self._check_batch(items[start:start + BATCH_PATHS])
+        for group in _batches(checks, moves):
+            self._check_batch(group, moves)
         for root in baselines:
             self.store.mark_root_baselined(str(root))
             logger.info("baseline recorded for new root", extra={"root": str(root)})
@@ -289,6 +337,10 @@ class Watcher:
             if self.filter.accepts(path, root):
                 yield path, root, {}
             return
+        if path != root and path.is_dir():  # a folder appeared: watch it if no watch covers it
+            self.observers.ensure_watched(path, root)
+        elif path != root:  # a folder went away: drop its watches
+            self.observers.forget(path)
         baseline = path == root and not self.store.root_baselined(str(root))
         if baseline:
             baselines.append(root)
@@ -299,7 +351,7 @@ class Watcher:
                                "prev": known.pop(str(file), None), "known": True}
         for gone, state in known.items():  # recorded but no longer on disk
             yield Path(gone), root, {"prev": state, "known": True}
-        self.stats.reconciled[str(path)] = time.time()
+        self.stats.reconciled[str(path)] = utc_now()
 
     def _walk(self, directory: Path, root: Path) -> Iterator[Path]:
         """Files under `directory` that the filter accepts; symlinks are not followed."""
@@ -313,7 +365,7 @@ class Watcher:
                 if self.filter.accepts(top_path / name, root):
                     yield top_path / name
 
-    def _check_batch(self, items: list[tuple[Path, Path, dict]]) -> None:
+    def _check_batch(self, items: list[tuple[Path, Path, dict]], moves: dict[str, str]) -> None:
         events: list[NewEvent] = []
         states: list[FileState] = []
         for path, root, kwargs in items:
@@ -323,18 +375,32 @@ class Watcher:
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
                 self._error(f"checking {path} failed: {exc}", exc)
                 continue
-            if isinstance(outcome, NewEvent):
-                events.append(outcome)
-            elif isinstance(outcome, FileState):
-                states.append(outcome)
+            if outcome.retry:
+                self._retry(path)
+            events.extend(outcome.events)
+            if outcome.state:
+                states.append(outcome.state)
+        events = pair_moves(events, moves, self.detector.merge_move)
         self._commit(events, states, [Hint(str(p)) for p, _, _ in items])
+
+    def _retry(self, path: Path) -> None:
+        """Check a file that changed while being read again once it is quiet (a few times)."""
+        tries = self._retries.get(str(path), 0) + 1
+        self.stats.retried += 1
+        if tries > RETRY_LIMIT:
+            logger.warning("file keeps changing while read; recording it as it is now",
+                           extra={"path": str(path), "tries": tries})
+            self._retries.pop(str(path), None)
+            return
+        self._retries[str(path)] = tries
+        self._put(Hint(str(path)))
 
     def _commit(self, events: list[NewEvent], states: list[FileState], retry: list[Hint]) -> None:
         """Durable first: commit, then embed. A failed commit re-queues its paths."""
         try:
             if states:
                 self.store.save_file_states(states)
-            stored = self.store.record_events(events) if events else []
+            stored = self.store.record_events(events, self.settings.watch.log_repeat_window_s) if events else []
         except Exception as exc:  # noqa: BLE001 - e.g. disk full: retry later, lose nothing
             self._error(f"recording {len(events)} events failed, will retry: {exc}", exc)
             time.sleep(min(RETRY_MAX_S, 1.0 * self.stats.errors))
@@ -342,6 +408,8 @@ class Watcher:
                 self._queue.put(hint)
             return
         self.stats.events += len(stored)
+        for ev in events:
+            self._retries.pop(ev.path, None)
         for s in stored:
             audit.info("mutation stored", extra={"event_id": s.event_id, "memory_id": s.memory_id,
                                                  "change": s.event.kind, "path": s.event.path,
@@ -356,3 +424,38 @@ class Watcher:
         self.stats.errors += 1
         self.stats.last_error = message
         logger.error(message, exc_info=exc)
+
+
+def _batches(checks: dict[str, tuple], moves: dict[str, str]) -> Iterator[list[tuple]]:
+    """Check items in batches; both sides of each move share the first batch."""
+    paired = {p for dest, src in moves.items() for p in (dest, src) if dest in checks and src in checks}
+    head = [checks[p] for p in checks if p in paired]
+    rest = [checks[p] for p in checks if p not in paired]
+    if head:
+        yield head
+    for start in range(0, len(rest), BATCH_PATHS):
+        yield rest[start:start + BATCH_PATHS]
+
+
+def pair_moves(events: list[NewEvent], moves: dict[str, str],
+               merge: Callable[[NewEvent, NewEvent], NewEvent]) -> list[NewEvent]:
+    """Turn a delete and a create that are one rename into a single `moved` event.
+
+    A rename watchdog reported pairs by path; any other delete and create of the same
+    content in one batch (a rename while Gremlin was stopped) pairs by content hash.
+    """
+    deleted = {e.path: e for e in events if e.kind == "deleted"}
+    created = {e.path: e for e in events if e.kind == "created"}
+    merged: dict[str, NewEvent] = {}
+    used: set[str] = set()
+    for dest, src in moves.items():
+        if dest in created and src in deleted:
+            merged[dest] = merge(deleted[src], created[dest])
+            used |= {dest, src}
+    by_sha = {e.old_sha: e for e in deleted.values() if e.path not in used and e.old_sha}
+    for dest, came in created.items():
+        gone = by_sha.pop(came.new_sha, None) if dest not in used and came.new_sha else None
+        if gone is not None:
+            merged[dest] = merge(gone, came)
+            used |= {dest, gone.path}
+    return [merged.get(e.path, e) for e in events if e.path not in used or e.path in merged]

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from memory.store import FileState, NewEvent, Store
-from self_mutation_watcher.diff_engine import (ChangeDetector, ShadowStore, failure_excerpt,
-                                               parse_diff, unified_diff)
+from self_mutation_watcher.diff_engine import NOTHING, ChangeDetector, ShadowStore, parse_diff, unified_diff
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,13 +25,15 @@ def detector(settings, store) -> ChangeDetector:
 
 
 def record(detector: ChangeDetector, store: Store, path: Path, root: Path, **kw):
-    """Check a path and commit what it returns, as the watcher does."""
+    """Check a path and commit what it finds, as the watcher does; the event, state or None."""
     outcome = detector.check(path, root, **kw)
-    if isinstance(outcome, NewEvent):
-        store.record_events([outcome])
-    elif isinstance(outcome, FileState):
-        store.save_file_states([outcome])
-    return outcome
+    assert not outcome.retry
+    if outcome.events:
+        store.record_events(list(outcome.events))
+        return outcome.events[0] if len(outcome.events) == 1 else list(outcome.events)
+    if outcome.state:
+        store.save_file_states([outcome.state])
+    return outcome.state
 
 
 def test_hunks_and_counts_come_from_the_unified_diff(tmp_path: Path):
@@ -116,14 +117,14 @@ def test_a_file_deleted_before_it_is_read_is_a_delete(detector, store, watched: 
     event = record(detector, store, f, watched)
     assert event.kind == "deleted"
     never_seen = watched / "never.py"
-    assert detector.check(never_seen, watched) is None
+    assert detector.check(never_seen, watched) == NOTHING
 
 
 def test_symlinks_are_not_followed(detector, store, watched: Path, tmp_path: Path):
     outside = tmp_path / "secret.txt"
     outside.write_text("outside the root\n")
     (watched / "link.txt").symlink_to(outside)
-    assert detector.check(watched / "link.txt", watched) is None
+    assert detector.check(watched / "link.txt", watched) == NOTHING
 
 
 def test_baseline_records_the_shadow_copy_without_an_event(detector, store, watched: Path):
@@ -152,17 +153,11 @@ def test_logs_are_followed_and_failures_become_memories(detector, store, watched
                      '  File "app.py", line 3, in main\nZeroDivisionError: division by zero\npartial')
     event = record(detector, store, log, watched)
     assert event.kind == "log" and event.memory_kind == "failure"
-    assert event.diff.startswith("INFO started\nINFO request ok\nTraceback") is False
-    assert "ZeroDivisionError" in event.diff and "partial" not in event.diff
+    assert event.meta["title"] == "ZeroDivisionError: division by zero"
+    assert (event.meta["file"], event.meta["line"]) == ("app.py", 3)
+    assert event.diff.startswith("INFO request ok\nTraceback")  # context from the new text only
+    assert "partial" not in event.diff
     assert event.state.size == log.stat().st_size - len("partial")
-    log.write_text("ERROR after rotation\n")  # truncated: read again from the start
-    assert "ERROR after rotation" in record(detector, store, log, watched).diff
-
-
-def test_failure_excerpt_keeps_context_before_the_first_failure():
-    text = "a\nb\nc\nd\nCRITICAL disk full\ne\n"
-    assert failure_excerpt(text) == "c\nd\nCRITICAL disk full\ne"
-    assert failure_excerpt("all good\nINFO fine\n") is None
 
 
 PERMISSION_SCRIPT = """
@@ -180,7 +175,7 @@ base = Path(sys.argv[1])
 store = Store(base / "g.db")
 det = ChangeDetector(store, ShadowStore(base / "shadow"), WatchSettings(), 4000)
 result = det.check(base / "root" / "locked.py", base / "root")
-print(json.dumps({"result": repr(result), "logs": records}))
+print(json.dumps({"result": repr(result.events or result.state), "logs": records}))
 """
 
 

@@ -91,12 +91,25 @@ def test_excluded_files_make_no_events(running, watched: Path):
     assert running.wait_events(1) == [("created", "kept.md")]
 
 
-def test_a_move_is_a_delete_and_a_create(running, watched: Path):
+def test_a_rename_is_one_moved_event(running, watched: Path, store):
     (watched / "before.py").write_text("moved = True\n")
     running.wait_events(1)
     (watched / "before.py").rename(watched / "after.py")
-    events = running.wait_events(3)
-    assert sorted(events[1:]) == [("created", "after.py"), ("deleted", "before.py")]
+    assert running.wait_events(2) == [("created", "before.py"), ("moved", "after.py")]
+    moved = store.events_for_path(str(watched / "after.py"))[0]
+    assert moved["old_path"] == str(watched / "before.py") and moved["meta"]["same_content"]
+    assert store.file_state(str(watched / "before.py")) is None
+    assert running.got[-1].event.memory_text.startswith("moved project/before.py -> project/after.py")
+
+
+def test_a_rename_with_an_edit_is_one_moved_event_with_the_diff(running, watched: Path, store):
+    (watched / "old_name.py").write_text("a = 1\nb = 2\n")
+    running.wait_events(1)
+    (watched / "old_name.py").rename(watched / "new_name.py")
+    (watched / "new_name.py").write_text("a = 1\nb = 3\n")
+    events = running.wait_events(2)
+    assert events == [("created", "old_name.py"), ("moved", "new_name.py")], events
+    assert "-b = 2\n+b = 3" in store.events_for_path(str(watched / "new_name.py"))[0]["diff"]
 
 
 def test_removing_a_directory_deletes_every_file_in_it(running, watched: Path):
@@ -119,21 +132,22 @@ def test_a_directory_moved_in_from_outside_is_scanned(running, watched: Path, tm
 
 
 def test_reconcile_finds_exactly_what_changed_while_stopped(settings, store, watched: Path):
-    for name in ("same.py", "edit.py", "remove.py"):
+    for name in ("same.py", "edit.py", "remove.py", "rename.py"):
         (watched / name).write_text(f"# {name}\n")
     Running(settings, store).stop()  # baseline only
     (watched / "edit.py").write_text("# edited while stopped\n")
     (watched / "remove.py").unlink()
     (watched / "new.py").write_text("# new while stopped\n")
+    (watched / "rename.py").rename(watched / "renamed.py")
     os.utime(watched / "same.py")  # touched, same content: not a change
     r = Running(settings, store)
     try:
-        assert sorted(r.wait_events(3)) == [("created", "new.py"), ("deleted", "remove.py"),
-                                           ("modified", "edit.py")]
+        assert sorted(r.wait_events(4)) == [("created", "new.py"), ("deleted", "remove.py"),
+                                           ("modified", "edit.py"), ("moved", "renamed.py")]
     finally:
         r.stop()
     Running(settings, store).stop()  # a second reconcile finds nothing new
-    assert len(store.recent_events(100)) == 3
+    assert len(store.recent_events(100)) == 4
 
 
 def test_stop_records_changes_still_in_their_debounce_window(settings, store, watched: Path):

@@ -1,0 +1,63 @@
+"""Redact likely secrets from diff and log text before it is stored or embedded.
+
+Pure functions: text in, text and counts out. A redacted value becomes
+`[REDACTED:<kind>]`; for `key = value` assignments the key is kept so the diff still
+says what changed. The event records how many of each kind were removed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# (kind, pattern, group to replace: 0 = the whole match)
+BUILTIN_PATTERNS: tuple[tuple[str, str, int], ...] = (
+    ("private_key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", 0),
+    ("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 0),
+    ("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})\b", 0),
+    ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}", 0),
+    ("google_api_key", r"\bAIza[0-9A-Za-z_\-]{35}\b", 0),
+    ("openai_key", r"\bsk-(?:proj-)?[A-Za-z0-9_\-]{20,}", 0),
+    ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", 0),
+    ("bearer_token", r"(?i)\b(?:bearer|token)\s+([A-Za-z0-9._~+/=-]{16,})", 1),
+    ("url_password", r"[a-z][a-z0-9+.-]*://[^/\s:@]+:([^/\s@]{3,})@", 1),
+    ("assignment", r"(?i)\b[\w.-]*(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|auth[_-]?token"
+                   r"|access[_-]?token|client[_-]?secret|private[_-]?key)[\w.-]*[\"']?\s*[:=]\s*[\"']?"
+                   r"(?!\[REDACTED)([^\s\"',;]{4,})", 1),
+)
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """Compiled patterns; `redact` returns the cleaned text and counts per kind."""
+
+    patterns: tuple[tuple[str, re.Pattern, int], ...]
+
+    @classmethod
+    def build(cls, enabled: bool = True, extra: Iterable[str] = ()) -> Redactor:
+        """Built-in patterns (when enabled) plus extra regexes (redacted whole, kind 'custom')."""
+        chosen = [(k, re.compile(p), g) for k, p, g in BUILTIN_PATTERNS] if enabled else []
+        chosen += [("custom", re.compile(p), 0) for p in extra]
+        return cls(tuple(chosen))
+
+    def redact(self, text: str | None) -> tuple[str | None, dict[str, int]]:
+        """`text` with every match replaced, and how many of each kind were replaced."""
+        counts: dict[str, int] = {}
+        if not text:
+            return text, counts
+        for kind, pattern, group in self.patterns:
+            text, n = pattern.subn(lambda m, k=kind, g=group: _replace(m, k, g), text)
+            if n:
+                counts[kind] = counts.get(kind, 0) + n
+        return text, counts
+
+
+def _replace(match: re.Match, kind: str, group: int) -> str:
+    marker = f"[REDACTED:{kind}]"
+    if group == 0:
+        return marker
+    start, end = match.span(group)
+    whole = match.group(0)
+    offset = match.start(0)
+    return whole[:start - offset] + marker + whole[end - offset:]
