@@ -129,14 +129,32 @@ def _render_status(info: dict) -> None:
     console.print(f"[bold]memory[/]   {c['events']} events, {c['memories']} memories, "
                   f"{info['index_size']} indexed", highlight=False)
     console.print(f"[bold]model[/]    {info['model_id']}", highlight=False)
-    if info.get("watcher", {}).get("last_error"):
-        console.print(f"[bold red]last error[/] {info['watcher']['last_error']}", highlight=False)
+    watcher = info.get("watcher", {})
+    for root, why in watcher.get("degraded", {}).items():
+        console.print(f"[bold yellow]degraded[/] {root}: {why} (polling; see the log for the fix)",
+                      highlight=False)
+    drift = info.get("drift") or {}
+    if drift.get("mean_shift") is not None:
+        flag = " [bold yellow]drifting[/]" if drift["drifting"] else ""
+        console.print(f"[bold]drift[/]    mean vector shift {drift['mean_shift']:.3f} over "
+                      f"{drift['samples']}/{drift['window']} (threshold {drift['threshold']}){flag}",
+                      highlight=False)
+    if watcher.get("last_error"):
+        console.print(f"[bold red]last error[/] {watcher['last_error']}", highlight=False)
+    if info.get("failures"):
+        table = Table(title="recent failures")
+        for column in ("last seen", "count", "failure"):
+            table.add_column(column)
+        for f in info["failures"]:
+            table.add_row(f["last_seen"][:19], str(f["count"]), f["title"])
+        console.print(table)
     if info["recent_events"]:
         table = Table(title="last events")
         for column in ("id", "time", "change", "path"):
             table.add_column(column)
         for ev in info["recent_events"]:
-            table.add_row(str(ev["id"]), ev["time"][:19], ev["kind"], ev["path"])
+            path = f"{ev['old_path']} -> {ev['path']}" if ev.get("old_path") else ev["path"]
+            table.add_row(str(ev["id"]), ev["time"][:19], ev["kind"], path)
         console.print(table)
 
 

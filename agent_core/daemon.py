@@ -184,8 +184,8 @@ class Daemon:
         return {
             "running": True, "pid": os.getpid(), "state": self.state, "started": self.started,
             "home": str(self.settings.home), "roots": [str(r) for r in w.roots],
-            "pending": w.pending, "embedding": self.embedding.waiting, "watcher": {"events": w.stats.events, "checked": w.stats.checked,
-                                              "errors": w.stats.errors, "last_error": w.stats.last_error},
+            "pending": w.pending, "embedding": self.embedding.waiting, "watcher": w.describe(),
             "counts": self.store.counts(), **self.memory.describe(),
             "recent_events": self.store.recent_events(RECENT_EVENTS),
+            "failures": self.store.failure_counts(RECENT_EVENTS),
         }

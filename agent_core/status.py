@@ -7,6 +7,7 @@ import logging
 from agent_core.control import DaemonUnavailable, request
 from agent_core.daemon import RECENT_EVENTS, running_pid
 from memory.service import Memory
+from memory.errors import StoreError
 from memory.store import Store
 from memory.vector_store.embedder import Embedder, model_fingerprint, resolve_model_path
 
@@ -27,10 +28,15 @@ def collect_status(settings) -> dict:
             "model_id": model_id, "counts": {"events": 0, "memories": 0}, "index_size": 0,
             "recent_events": []}
     if settings.memory.db.exists():
-        store = Store(settings.memory.db, readonly=True)
+        try:
+            store = Store(settings.memory.db, readonly=True)
+        except StoreError as exc:
+            info["note"] = str(exc)
+            return info
         try:
             info.update(counts=store.counts(), index_size=store.vector_count(model_id),
-                        recent_events=store.recent_events(RECENT_EVENTS))
+                        recent_events=store.recent_events(RECENT_EVENTS),
+                        failures=store.failure_counts(RECENT_EVENTS))
         finally:
             store.close()
     return info

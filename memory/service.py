@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from memory.drift import DriftDetector
 from memory.store import StoredEvent, Store
 from memory.vector_store.embedder import Embedder
 from memory.vector_store.index import VectorIndex, index_path
@@ -55,6 +56,7 @@ class Memory:
         self.store = store
         self.embedder = embedder
         self.index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
+        self.drift = DriftDetector(settings.watch.drift_window, settings.watch.drift_threshold)
         self._last_save = time.monotonic()
         if not store.readonly:
             store.register_model(embedder.model_id, str(embedder.path), "current",
@@ -70,13 +72,19 @@ class Memory:
         return self.embed_memories(_pairs(stored))
 
     def embed_memories(self, pairs: Sequence[tuple[int, str]]) -> int:
-        """Encode (id, text) pairs, commit their vectors, then add them to the index."""
+        """Encode (id, text) pairs, commit vectors and vector shifts, then add them to the index.
+
+        The shift of a memory is 1 - its similarity to the nearest memory indexed before it;
+        it is stored in the memory's metadata and feeds the drift detector.
+        """
         if not pairs:
             return 0
         ids = np.array([p[0] for p in pairs], dtype=np.int64)
         vectors = self.embedder.encode([p[1] for p in pairs])
-        self.store.add_vectors(self.model_id, ids, vectors)
+        shifts = [None if s is None else round(1.0 - s, 4) for s in self.index.nearest_similarity(vectors)]
+        self.store.add_vectors(self.model_id, ids, vectors, shifts)
         self.index.add(ids, vectors)
+        self.drift.add(shifts)
         return len(ids)
 
     def catch_up(self, batch: int = 256, progress: Callable[[int], None] | None = None) -> int:
@@ -112,7 +120,8 @@ class Memory:
         path = index_path(self.settings.memory.index_dir, self.model_id)
         return {"model_id": self.model_id, "model_path": str(self.embedder.path),
                 "device": self.embedder.device, "index_size": self.index.ntotal,
-                "index_file": str(path), "index_saved": path.exists()}
+                "index_file": str(path), "index_saved": path.exists(),
+                "drift": asdict(self.drift.state())}
 
 
 def _pairs(stored: Sequence[StoredEvent]) -> list[tuple[int, str]]:

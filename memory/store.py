@@ -184,6 +184,10 @@ class Store:
         self._conn = self._connect(synchronous)
         if not readonly:
             self._migrate()
+        elif self._query("PRAGMA user_version")[0][0] < SCHEMA_VERSION:
+            self._conn.close()
+            raise StoreError(f"the database at {self.path} is not initialised yet (a daemon is "
+                             "starting, or it was made by an older Gremlin); try again in a moment")
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         try:
@@ -371,12 +375,16 @@ class Store:
 
     # -- vectors ---------------------------------------------------------------------
 
-    def add_vectors(self, model_id: str, ids: Sequence[int], vectors: np.ndarray) -> None:
-        """Store float32 vectors of memories for one model (replacing any earlier ones)."""
+    def add_vectors(self, model_id: str, ids: Sequence[int], vectors: np.ndarray,
+                    shifts: Sequence[float | None] | None = None) -> None:
+        """Store float32 vectors of memories for one model, and each memory's vector shift."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self.transaction() as conn:
             conn.executemany("INSERT OR REPLACE INTO vectors (model_id, memory_id, vec) VALUES (?, ?, ?)",
                              [(model_id, int(i), v.tobytes()) for i, v in zip(ids, vectors)])
+            if shifts is not None:
+                conn.executemany("UPDATE memories SET meta = json_set(meta, '$.vector_shift', ?) WHERE id = ?",
+                                 [(s, int(i)) for i, s in zip(ids, shifts) if s is not None])
 
     def vector_ids(self, model_id: str) -> np.ndarray:
         """Ids of the memories that have a vector for this model."""

@@ -203,3 +203,38 @@ def test_permission_denied_is_a_warning_naming_the_path():
 def test_a_single_huge_line_is_cut_not_emptied():
     diff = parse_diff("--- a/x\n+++ b/x\n@@ -0,0 +1 @@\n+" + "y" * 5000 + "\n", 300)
     assert diff.truncated and len(diff.text) == 300 and diff.text.startswith("--- a/x")
+
+
+def test_changes_gremlin_announced_itself_are_tagged(detector, store, watched: Path):
+    from datetime import datetime, timedelta, timezone
+
+    from self_mutation_watcher.diff_engine import sha256_bytes
+
+    f = watched / "restored.py"
+    content = b"restored = True\n"
+    store.expect_own_write(str(f), sha256_bytes(content))  # e.g. a rollback about to write it
+    f.write_bytes(content)
+    assert record(detector, store, f, watched).meta["by_gremlin"] is True
+    f.write_text("a person edits it afterwards\n")
+    assert "by_gremlin" not in record(detector, store, f, watched).meta
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    assert not store.is_own_write(str(f), sha256_bytes(content), now=later)  # announcements expire
+
+
+def test_a_file_that_changes_while_read_is_retried(detector, store, watched: Path):
+    f = watched / "growing.txt"
+    f.write_text("start\n")
+    loop = ("import sys, time\nwith open(sys.argv[1], 'a') as h:\n    while True:\n"
+            "        h.write('more text ' * 20 + '\\n'); h.flush()\n")
+    writer = subprocess.Popen([sys.executable, "-c", loop, str(f)])  # another process: real overlap
+    try:
+        while f.stat().st_size < 50_000:
+            time.sleep(0.001)
+        outcomes = []
+        while not any(o.retry for o in outcomes) and len(outcomes) < 2000 and f.stat().st_size < 900_000:
+            outcomes.append(detector.check(f, watched))
+    finally:
+        writer.kill()
+        writer.wait()
+    assert any(o.retry for o in outcomes), f"no read overlapped a write in {len(outcomes)} checks"
+    assert all(not o.events for o in outcomes if o.retry)

@@ -89,3 +89,27 @@ def test_embed_queue_embeds_everything_submitted_before_stop(settings, store, em
     queue.stop()
     assert store.vector_count(embedder.model_id) == 4 and memory.index.ntotal == 4
     assert queue.waiting == 0 and queue.errors == 0
+
+
+def test_vector_shift_is_stored_and_feeds_the_drift_detector(settings, store, embedder):
+    memory = Memory(settings, store, embedder)
+    first = store.record_events(_events({"/p/a.py": DIFFS["/p/auth.py"]}))
+    memory.ingest(first)
+    assert "vector_shift" not in store.get_memories([first[0].memory_id])[first[0].memory_id]["meta"]
+    same = store.record_events(_events({"/p/b.py": DIFFS["/p/auth.py"]}))  # the same change again
+    other = store.record_events(_events({"/p/c.css": DIFFS["/p/ui.css"]}))
+    memory.ingest(same)
+    memory.ingest(other)
+    shifts = {m: store.get_memories([m])[m]["meta"]["vector_shift"] for m in (same[0].memory_id, other[0].memory_id)}
+    assert shifts[same[0].memory_id] < 0.2 < shifts[other[0].memory_id]  # near-copy vs something new
+    state = memory.drift.state()
+    assert state.samples == 2 and state.mean_shift == pytest.approx(sum(shifts.values()) / 2, abs=1e-3)
+
+
+def test_drift_is_reported_only_for_a_full_window_over_the_threshold():
+    from memory.drift import DriftDetector
+
+    d = DriftDetector(window=3, threshold=0.3)
+    assert not d.add([0.9, None, 0.9]).drifting  # two samples: not enough to say
+    assert d.add([0.9]).drifting
+    assert not d.add([0.0, 0.0, 0.1]).drifting  # the window moved on

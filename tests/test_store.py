@@ -95,3 +95,9 @@ def test_a_corrupt_database_gives_a_clear_error(tmp_path: Path):
     (tmp_path / "g.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="cannot open database"):
         Store(tmp_path / "g.db")
+
+
+def test_a_reader_of_a_database_still_being_created_gets_a_clear_error(tmp_path: Path):
+    sqlite3.connect(tmp_path / "g.db").execute("CREATE TABLE t (x)").connection.close()  # not migrated
+    with pytest.raises(StoreError, match="not initialised yet"):
+        Store(tmp_path / "g.db", readonly=True)

@@ -97,6 +97,14 @@ class VectorIndex:
             scores, ids = self._index.search(query, min(k, self.ntotal), params=params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1]
 
+    def nearest_similarity(self, vectors: np.ndarray) -> list[float | None]:
+        """Cosine similarity of each vector to its nearest indexed neighbour (None: index empty)."""
+        if self.ntotal == 0 or not len(vectors):
+            return [None] * len(vectors)
+        with self._lock:
+            scores, ids = self._index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+        return [float(s) if i != -1 else None for s, i in zip(scores[:, 0], ids[:, 0])]
+
     def save(self) -> None:
         """Write the index atomically (serialised under the lock, written outside it)."""
         with self._lock:
