@@ -68,7 +68,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE roots (
         path TEXT PRIMARY KEY,
-        baselined TEXT NOT NULL
+        watched_since_ns INTEGER NOT NULL,
+        first_seen TEXT NOT NULL,
+        baselined TEXT
     );
     CREATE TABLE failures (
         signature TEXT PRIMARY KEY,
@@ -364,14 +366,20 @@ class Store:
             for state in states:
                 _write_file_state(conn, state.path, state, stamp)
 
-    def root_baselined(self, root: str) -> bool:
-        """Whether this root's files were recorded once (later starts reconcile against them)."""
-        return bool(self._query("SELECT 1 FROM roots WHERE path = ?", (root,)))
+    def root_watched_since(self, root: str, now_ns: int, now: datetime | None = None) -> tuple[int, bool]:
+        """When Gremlin first watched `root` (ns since the epoch; `now_ns` the first time asked),
+        and whether its first full scan (the baseline) has completed."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO roots (path, watched_since_ns, first_seen) VALUES (?, ?, ?)",
+                         (root, now_ns, utc_now(now)))
+            since, done = conn.execute("SELECT watched_since_ns, baselined FROM roots WHERE path = ?",
+                                       (root,)).fetchone()
+        return since, done is not None
 
     def mark_root_baselined(self, root: str, now: datetime | None = None) -> None:
-        """Remember that a root's first full scan is complete."""
+        """The first full scan of `root` is complete: from now on every new file is a change."""
         with self.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO roots (path, baselined) VALUES (?, ?)", (root, utc_now(now)))
+            conn.execute("UPDATE roots SET baselined = ? WHERE path = ? AND baselined IS NULL", (utc_now(now), root))
 
     # -- vectors ---------------------------------------------------------------------
 

@@ -11,9 +11,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# (kind, pattern, group to replace: 0 = the whole match)
+# (kind, pattern, group to replace: 0 = the whole match). Every repetition is bounded or
+# anchored: diff lines can be hundreds of kilobytes long, and an unbounded `[a-z]*` that
+# must backtrack at every position makes a search quadratic.
 BUILTIN_PATTERNS: tuple[tuple[str, str, int], ...] = (
-    ("private_key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", 0),
+    ("private_key", r"-----BEGIN [A-Z0-9 ]{0,20}PRIVATE KEY-----[\s\S]{0,16384}?(?:-----END [A-Z0-9 ]{0,20}PRIVATE KEY-----|\Z)", 0),
     ("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 0),
     ("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})\b", 0),
     ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}", 0),
@@ -21,10 +23,10 @@ BUILTIN_PATTERNS: tuple[tuple[str, str, int], ...] = (
     ("openai_key", r"\bsk-(?:proj-)?[A-Za-z0-9_\-]{20,}", 0),
     ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", 0),
     ("bearer_token", r"(?i)\b(?:bearer|token)\s+([A-Za-z0-9._~+/=-]{16,})", 1),
-    ("url_password", r"[a-z][a-z0-9+.-]*://[^/\s:@]+:([^/\s@]{3,})@", 1),
-    ("assignment", r"(?i)\b[\w.-]*(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|auth[_-]?token"
-                   r"|access[_-]?token|client[_-]?secret|private[_-]?key)[\w.-]*[\"']?\s*[:=]\s*[\"']?"
-                   r"(?!\[REDACTED)([^\s\"',;]{4,})", 1),
+    ("url_password", r"\b[a-z][a-z0-9+.-]{0,15}://[^/\s:@]{1,64}:([^/\s@]{3,128})@", 1),
+    ("assignment", r"(?i)(?<![\w.-])[\w.-]{0,40}(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key"
+                   r"|auth[_-]?token|access[_-]?token|client[_-]?secret|private[_-]?key)[\w.-]{0,40}[\"']?"
+                   r"[ \t]{0,8}[:=][ \t]{0,8}[\"']?(?!\[REDACTED)([^\s\"',;]{4,200})", 1),
 )
 
 

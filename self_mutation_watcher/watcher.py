@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pathspec
 from watchdog.events import (EVENT_TYPE_CLOSED, EVENT_TYPE_CREATED, EVENT_TYPE_DELETED,
@@ -143,6 +144,15 @@ class _EnqueueHandler(FileSystemEventHandler):
                 self._put(hint)
         except Exception:  # noqa: BLE001 - the observer thread must survive anything
             logger.exception("could not enqueue a file event", extra={"event": repr(event)})
+
+
+class _Item(NamedTuple):
+    """One path to check, the root it belongs to, options for ChangeDetector.check."""
+
+    path: Path
+    root: Path
+    options: dict
+    gone: bool = False  # a scan expected it and did not find it
 
 
 @dataclass
@@ -313,44 +323,46 @@ class Watcher:
         return due
 
     def _process(self, hints: list[Hint]) -> None:
-        checks: dict[str, tuple] = {}
-        baselines: list[Path] = []
+        checks: dict[str, _Item] = {}
         moves: dict[str, str] = {}
+        baselines: list[Path] = []
         for hint in sorted(hints, key=lambda h: not h.scan):  # a file's own hint wins over a scan
             if hint.moved_from:
                 moves[hint.path] = hint.moved_from
-            for path, root, kwargs in self._expand(hint, baselines):
-                checks[str(path)] = (path, root, kwargs)
+            for item in self._expand(hint, baselines):
+                checks[str(item.path)] = item
         for group in _batches(checks, moves):
             self._check_batch(group, moves)
-        for root in baselines:
+        for root in baselines:  # only once every file of the first scan is recorded
             self.store.mark_root_baselined(str(root))
-            logger.info("baseline recorded for new root", extra={"root": str(root)})
+            logger.info("baseline of a new root recorded", extra={"root": str(root)})
 
-    def _expand(self, hint: Hint, baselines: list) -> Iterator[tuple[Path, Path, dict]]:
-        """(path, root, check options) for a hint: one file, or every file of a subtree."""
+    def _expand(self, hint: Hint, baselines: list[Path]) -> Iterator[_Item]:
+        """What to check for a hint: one file, or every file of a subtree."""
         path = Path(hint.path)
         root = self.filter.root_of(path)
         if root is None:
             return
         if not hint.scan:
             if self.filter.accepts(path, root):
-                yield path, root, {}
+                yield _Item(path, root, {})
             return
         if path != root and path.is_dir():  # a folder appeared: watch it if no watch covers it
             self.observers.ensure_watched(path, root)
         elif path != root:  # a folder went away: drop its watches
             self.observers.forget(path)
-        baseline = path == root and not self.store.root_baselined(str(root))
-        if baseline:
-            baselines.append(root)
+        before = None
+        if path == root:
+            since, baselined = self.store.root_watched_since(str(root), self._started_ns)
+            if not baselined:  # the first scan (again, if a crash cut it short): older files are a baseline
+                before = since
+                baselines.append(root)
         known = self.store.file_states_under(str(path))
-        before = self._started_ns if baseline else None
         for file in self._walk(path, root):
-            yield file, root, {"trust_stat": True, "baseline_before_ns": before,
-                               "prev": known.pop(str(file), None), "known": True}
+            yield _Item(file, root, {"trust_stat": True, "baseline_before_ns": before,
+                                     "prev": known.pop(str(file), None), "known": True})
         for gone, state in known.items():  # recorded but no longer on disk
-            yield Path(gone), root, {"prev": state, "known": True}
+            yield _Item(Path(gone), root, {"prev": state, "known": True}, gone=True)
         self.stats.reconciled[str(path)] = utc_now()
 
     def _walk(self, directory: Path, root: Path) -> Iterator[Path]:
@@ -365,13 +377,13 @@ class Watcher:
                 if self.filter.accepts(top_path / name, root):
                     yield top_path / name
 
-    def _check_batch(self, items: list[tuple[Path, Path, dict]], moves: dict[str, str]) -> None:
+    def _check_batch(self, items: list[_Item], moves: dict[str, str]) -> None:
         events: list[NewEvent] = []
         states: list[FileState] = []
-        for path, root, kwargs in items:
+        for path, root, options, _ in items:
             self.stats.checked += 1
             try:
-                outcome = self.detector.check(path, root, **kwargs)
+                outcome = self.detector.check(path, root, **options)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
                 self._error(f"checking {path} failed: {exc}", exc)
                 continue
@@ -381,7 +393,7 @@ class Watcher:
             if outcome.state:
                 states.append(outcome.state)
         events = pair_moves(events, moves, self.detector.merge_move)
-        self._commit(events, states, [Hint(str(p)) for p, _, _ in items])
+        self._commit(events, states, [Hint(str(item.path)) for item in items])
 
     def _retry(self, path: Path) -> None:
         """Check a file that changed while being read again once it is quiet (a few times)."""
@@ -426,9 +438,16 @@ class Watcher:
         logger.error(message, exc_info=exc)
 
 
-def _batches(checks: dict[str, tuple], moves: dict[str, str]) -> Iterator[list[tuple]]:
-    """Check items in batches; both sides of each move share the first batch."""
+def _batches(checks: dict[str, _Item], moves: dict[str, str]) -> Iterator[list[_Item]]:
+    """Check items in batches of BATCH_PATHS; whatever may pair into a move shares the first.
+
+    That is both sides of each reported rename and, when a scan found files gone, those
+    and the files it had never seen (a rename made while nobody watched pairs by content).
+    """
     paired = {p for dest, src in moves.items() for p in (dest, src) if dest in checks and src in checks}
+    if any(item.gone for item in checks.values()):
+        paired |= {p for p, item in checks.items()
+                   if item.gone or (item.options.get("known") and item.options.get("prev") is None)}
     head = [checks[p] for p in checks if p in paired]
     rest = [checks[p] for p in checks if p not in paired]
     if head:

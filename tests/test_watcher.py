@@ -223,3 +223,19 @@ def test_filter_decides_by_gitignore_patterns(settings, watched: Path):
     assert not f.accepts(watched / "keys" / "server.pem", watched)
     assert f.root_of(watched / "deep" / "file") == watched and f.root_of(Path("/elsewhere")) is None
     assert Hint(str(watched)) != Hint(str(watched), scan=True)
+
+
+def test_a_crash_during_the_first_scan_does_not_swallow_later_files_into_the_baseline(settings, store, watched: Path):
+    (watched / "old.py").write_text("old = 1\n")
+    old_time = time.time() - 3600
+    os.utime(watched / "old.py", (old_time, old_time))
+    store.root_watched_since(str(watched), time.time_ns())  # the first run began, then crashed mid-scan
+    time.sleep(0.01)
+    (watched / "new_while_down.py").write_text("new = 1\n")
+    r = Running(settings, store)
+    try:
+        time.sleep(SETTLE_S)
+        assert r.events() == [("created", "new_while_down.py")]  # old.py predates the watch: baseline
+        assert store.file_state(str(watched / "old.py")) is not None
+    finally:
+        r.stop()
