@@ -64,7 +64,7 @@ class ModelSettings:
 
     path: str = ""
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int = 0
     max_seq_length: int = 256
 
 
@@ -116,7 +116,7 @@ MINIMUMS = {
     ("watch", "max_file_bytes"): 1, ("watch", "max_diff_bytes"): 1,
     ("watch", "reconcile_interval_s"): 0, ("watch", "log_repeat_window_s"): 0,
     ("watch", "drift_window"): 1, ("watch", "drift_threshold"): 0,
-    ("model", "batch_size"): 1, ("model", "max_seq_length"): 8,
+    ("model", "batch_size"): 0, ("model", "max_seq_length"): 8,
     ("memory", "index_save_interval_s"): 0, ("memory", "memory_chars"): 64,
     ("logging", "max_bytes"): 1024, ("logging", "backup_count"): 0,
     ("dashboard", "port"): 1,

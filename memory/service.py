@@ -9,6 +9,8 @@ by `catch_up` on the next start.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import queue
 import threading
@@ -169,6 +171,8 @@ class EmbedQueue:
             batch, stopping = self._take()
             if batch:
                 self._embed(batch)
+            if self._queue.empty():
+                release_free_memory()  # a burst's activations would otherwise stay resident
 
     def _take(self) -> tuple[list[tuple[int, str]], bool]:
         batch = [self._queue.get()]
@@ -183,7 +187,10 @@ class EmbedQueue:
     def _embed(self, batch: list[tuple[int, str]]) -> None:
         for attempt in range(1, self.RETRIES + 1):
             try:
+                started = time.perf_counter()
                 self.memory.embed_memories(batch)
+                logger.debug("embedded a batch", extra={"memories": len(batch),
+                                                        "seconds": round(time.perf_counter() - started, 3)})
                 break
             except Exception:  # noqa: BLE001 - the rows are safe; never let this thread die
                 self.errors += 1
@@ -191,6 +198,16 @@ class EmbedQueue:
                                                             "first_id": batch[0][0]})
                 time.sleep(min(30.0, 2.0 ** attempt))
         self.waiting -= len(batch)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after a large encode)."""
+    trim = getattr(_LIBC, "malloc_trim", None)  # glibc only; musl and others have none
+    if trim is not None:
+        trim(0)
 
 
 def _hit(row: dict, score: float) -> SearchHit:

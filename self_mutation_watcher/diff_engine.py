@@ -178,12 +178,13 @@ class ChangeDetector:
 
     def check(self, path: Path, root: Path, *, trust_stat: bool = False,
               baseline_before_ns: int | None = None, prev: FileState | None = None,
-              known: bool = False) -> Outcome:
+              known: bool = False, accept_changing: bool = False) -> Outcome:
         """What happened to `path` since it was last recorded (`prev`, looked up unless known).
 
         With `baseline_before_ns`, a file last modified before that time is recorded silently
         (a root's first scan); one modified after it changed while being watched: an event.
-        A file that changes while it is read is not recorded half-written: `retry` is set.
+        A file that changes while it is read is not recorded half-written: `retry` is set
+        (unless `accept_changing`: it kept changing, so it is taken as read).
         """
         if not known:
             prev = self.store.file_state(str(path))
@@ -196,7 +197,7 @@ class ChangeDetector:
             baseline = baseline_before_ns is not None and st.st_mtime_ns < baseline_before_ns
             if self.is_log(path):
                 return self._log(path, root, prev, st, baseline)
-            return self._file(path, root, prev, st, baseline)
+            return self._file(path, root, prev, st, baseline, accept_changing)
         except FileNotFoundError:  # gone, perhaps between stat and read
             return self._deleted(path, root, prev)
         except (PermissionError, IsADirectoryError) as exc:
@@ -221,11 +222,11 @@ class ChangeDetector:
         return self._event("moved", new, Path(came.root), came.state, _state_of(gone), diff, meta,
                            old_path=gone.path, header=header)
 
-    def _file(self, path, root, prev, st, baseline: bool) -> Outcome:
+    def _file(self, path, root, prev, st, baseline: bool, accept_changing: bool = False) -> Outcome:
         if st.st_size > self.watch.max_file_bytes:
             return self._metadata_only(path, root, prev, st, None, baseline, "too_large")
         data, changed = _read_checked(path, st, self.watch.max_file_bytes)
-        if changed:  # still being written: check again once it is quiet
+        if changed and not accept_changing:  # still being written: check again once it is quiet
             return RETRY
         if data is None:
             return self._metadata_only(path, root, prev, st, None, baseline, "too_large")

@@ -165,6 +165,7 @@ class WatchStats:
     retried: int = 0
     last_error: str | None = None
     reconciled: dict = field(default_factory=dict)
+    reconcile_seconds: dict = field(default_factory=dict)
 
 
 class _OverflowSignal(logging.Handler):
@@ -253,7 +254,8 @@ class Watcher:
         return {"events": self.stats.events, "checked": self.stats.checked, "errors": self.stats.errors,
                 "last_error": self.stats.last_error, "pending": self.pending,
                 "degraded": dict(self.observers.degraded), "observer_restarts": self.observers.restarts,
-                "watches": self.observers.watch_count, "reconciled": dict(self.stats.reconciled)}
+                "watches": self.observers.watch_count, "reconciled": dict(self.stats.reconciled),
+                "reconcile_seconds": dict(self.stats.reconcile_seconds)}
 
     def _put(self, hint: Hint) -> None:
         self._queue.put(hint)
@@ -323,6 +325,7 @@ class Watcher:
         return due
 
     def _process(self, hints: list[Hint]) -> None:
+        started = time.monotonic()
         checks: dict[str, _Item] = {}
         moves: dict[str, str] = {}
         baselines: list[Path] = []
@@ -333,6 +336,9 @@ class Watcher:
                 checks[str(item.path)] = item
         for group in _batches(checks, moves):
             self._check_batch(group, moves)
+        for hint in hints:
+            if hint.scan and Path(hint.path) in self.roots:
+                self.stats.reconcile_seconds[hint.path] = round(time.monotonic() - started, 3)
         for root in baselines:  # only once every file of the first scan is recorded
             self.store.mark_root_baselined(str(root))
             logger.info("baseline of a new root recorded", extra={"root": str(root)})
@@ -344,8 +350,8 @@ class Watcher:
         if root is None:
             return
         if not hint.scan:
-            if self.filter.accepts(path, root):
-                yield _Item(path, root, {})
+            if self.filter.accepts(path, root):  # after RETRY_LIMIT tries, take it as it is
+                yield _Item(path, root, {"accept_changing": self._retries.get(str(path), 0) > RETRY_LIMIT})
             return
         if path != root and path.is_dir():  # a folder appeared: watch it if no watch covers it
             self.observers.ensure_watched(path, root)
@@ -399,12 +405,10 @@ class Watcher:
         """Check a file that changed while being read again once it is quiet (a few times)."""
         tries = self._retries.get(str(path), 0) + 1
         self.stats.retried += 1
+        self._retries[str(path)] = tries
         if tries > RETRY_LIMIT:
             logger.warning("file keeps changing while read; recording it as it is now",
                            extra={"path": str(path), "tries": tries})
-            self._retries.pop(str(path), None)
-            return
-        self._retries[str(path)] = tries
         self._put(Hint(str(path)))
 
     def _commit(self, events: list[NewEvent], states: list[FileState], retry: list[Hint]) -> None:

@@ -82,7 +82,7 @@ def store(settings):
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     """The real base MiniLM, loaded once for the whole session."""
-    e = Embedder(resolve_model_path("", REPO), device="cpu", batch_size=32, max_seq_length=128)
+    e = Embedder(resolve_model_path("", REPO), device="cpu", batch_size=16, max_seq_length=128)
     assert e.dim == 384
     return e
 

@@ -41,7 +41,7 @@ def test_relative_paths_resolve_against_the_home(tmp_path: Path):
     ("[watch]\nroots = \"src\"\n", "[watch] roots must be a list of a path string"),
     ("[watch]\nown_source = 1\n", "[watch] own_source must be true or false"),
     ("[model]\ndevice = \"tpu\"\n", "[model] device must be one of auto, cpu, cuda"),
-    ("[model]\nbatch_size = 0\n", "[model] batch_size must be at least 1"),
+    ("[model]\nbatch_size = -1\n", "[model] batch_size must be at least 0"),
     ("watch = 3\n", "[watch] must be a table"),
 ])
 def test_invalid_config_names_the_problem(tmp_path: Path, text: str, expected: str):

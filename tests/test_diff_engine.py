@@ -224,17 +224,20 @@ def test_changes_gremlin_announced_itself_are_tagged(detector, store, watched: P
 def test_a_file_that_changes_while_read_is_retried(detector, store, watched: Path):
     f = watched / "growing.txt"
     f.write_text("start\n")
-    loop = ("import sys, time\nwith open(sys.argv[1], 'a') as h:\n    while True:\n"
-            "        h.write('more text ' * 20 + '\\n'); h.flush()\n")
-    writer = subprocess.Popen([sys.executable, "-c", loop, str(f)])  # another process: real overlap
+    # another process rewrites the file in place without pause: its size stays, its mtime moves
+    loop = ("import os, sys\nfd = os.open(sys.argv[1], os.O_WRONLY)\nn = 0\nwhile True:\n"
+            "    n += 1\n    os.pwrite(fd, (f'line {n}\\n' * 20000).encode()[:200000], 0)\n")
+    writer = subprocess.Popen([sys.executable, "-c", loop, str(f)])
     try:
-        while f.stat().st_size < 50_000:
+        while f.stat().st_size < 200_000:
             time.sleep(0.001)
         outcomes = []
-        while not any(o.retry for o in outcomes) and len(outcomes) < 2000 and f.stat().st_size < 900_000:
+        while not any(o.retry for o in outcomes) and len(outcomes) < 2000:
             outcomes.append(detector.check(f, watched))
+        taken = [detector.check(f, watched, accept_changing=True) for _ in range(20)]  # the last try
     finally:
         writer.kill()
         writer.wait()
     assert any(o.retry for o in outcomes), f"no read overlapped a write in {len(outcomes)} checks"
     assert all(not o.events for o in outcomes if o.retry)
+    assert not any(t.retry for t in taken) and taken[0].events[0].kind == "created"

