@@ -145,6 +145,7 @@ class EmbedQueue:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="gremlin-embed", daemon=True)
+        self._count_lock = threading.Lock()
         self.waiting = 0
         self.errors = 0
 
@@ -155,7 +156,8 @@ class EmbedQueue:
     def submit(self, stored: Sequence[StoredEvent]) -> None:
         """Queue the memories of committed events (the watcher's sink)."""
         pairs = _pairs(stored)
-        self.waiting += len(pairs)
+        with self._count_lock:
+            self.waiting += len(pairs)
         for pair in pairs:
             self._queue.put(pair)
 
@@ -197,7 +199,8 @@ class EmbedQueue:
                 logger.exception("embedding failed", extra={"memories": len(batch), "attempt": attempt,
                                                             "first_id": batch[0][0]})
                 time.sleep(min(30.0, 2.0 ** attempt))
-        self.waiting -= len(batch)
+        with self._count_lock:
+            self.waiting -= len(batch)
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -171,7 +171,7 @@ class ObserverSet:
     def ensure_watched(self, folder: Path, root: Path) -> bool:
         """Watch a folder that appeared under a non-recursive watch; True when a watch was added."""
         with self._lock:
-            if str(root) in self.degraded or self._covered(folder) or not folder.is_dir():
+            if self._covered(folder) or not folder.is_dir():
                 return False
             observer = self._polling if str(root) in self.degraded else self._inotify
             try:
@@ -215,7 +215,8 @@ class ObserverSet:
             self._watches.clear()
             self.degraded.clear()
             self._inotify, self._polling = Observer(), None
-            for root in self._plans:
+            for root in self._plans:  # plan again: folders may have come and gone since
+                self._plans[root] = plan_watches(root, lambda d, r=root: self.accepts_dir(d, r))
                 if str(root) in degraded:
                     self._degrade(root, degraded[str(root)])
                 else:

@@ -71,10 +71,13 @@ def test_a_folder_created_under_a_split_watch_is_watched(settings, store, watche
 
 
 def test_a_dead_observer_is_restarted_and_changes_are_not_lost(settings, store, watched: Path):
+    make_tree(watched)
     watcher = Watcher(settings, store, list.append)
     watcher.start()
     try:
         assert watcher.wait_idle(20)
+        shutil.rmtree(watched / "web")  # a planned folder is gone by the time of the restart
+        time.sleep(0.5)
         watcher.observers._inotify.stop()  # the observer thread ends, as after an uncaught error
         (watched / "during_outage.py").write_text("x = 1\n")
         wait_for(lambda: watcher.observers.restarts == 1, 10, what="the restart")
