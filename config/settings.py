@@ -46,6 +46,8 @@ class WatchSettings:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     log_globs: tuple[str, ...] = ("*.log",)
+    log_files: tuple[Path, ...] = ()
+    gitignore: bool = False
     debounce_ms: int = 200
     max_wait_ms: int = 2000
     max_file_bytes: int = 1_048_576

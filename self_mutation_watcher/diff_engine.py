@@ -199,6 +199,10 @@ class ChangeDetector:
                 return self._log(path, root, prev, st, baseline)
             return self._file(path, root, prev, st, baseline, accept_changing)
         except FileNotFoundError:  # gone, perhaps between stat and read
+            if prev and self.is_log(path):
+                # a log renamed away by rotation: keep its offset, so the rest of the old file
+                # is read (found by its inode) once the new file appears
+                return NOTHING
             return self._deleted(path, root, prev)
         except (PermissionError, IsADirectoryError) as exc:
             logger.warning("cannot read file, skipping it", extra={"path": str(path), "error": str(exc)})

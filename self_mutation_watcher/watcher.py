@@ -71,11 +71,19 @@ def hints_from_event(event: FileSystemEvent) -> list[Hint]:
 
 
 class PathFilter:
-    """Which paths under the roots are watched, and which of them are logs."""
+    """Which paths under the roots are watched, and which of them are logs.
+
+    Besides ordinary roots there are file roots: the folders of `[watch] log_files` that
+    no ordinary root covers, where only the named files count and nothing below is entered.
+    """
 
     def __init__(self, settings, roots: Sequence[Path]):
-        self.roots = tuple(outermost(roots))
         w = settings.watch
+        self.named_logs = frozenset(w.log_files)
+        covered = outermost(roots)
+        self.file_roots = frozenset(p.parent for p in self.named_logs
+                                    if not any(r == p.parent or r in p.parents for r in covered))
+        self.roots = tuple(outermost([*roots, *sorted(self.file_roots)]))
         self.include = pathspec.GitIgnoreSpec.from_lines(w.include)
         self.exclude = pathspec.GitIgnoreSpec.from_lines(w.exclude)
         self.logs = pathspec.GitIgnoreSpec.from_lines(w.log_globs)
@@ -84,6 +92,8 @@ class PathFilter:
         self.data_dir, self.log_dir = settings.data_dir, settings.logging.dir
         self.db_names = {m.db.name + s for s in ("", "-wal", "-shm", "-journal")}
         self.db_dir = m.db.parent
+        self.gitignored = {r: load_gitignore(r, self.exclude) for r in self.roots
+                           if w.gitignore and r not in self.file_roots}
 
     def root_of(self, path: Path) -> Path | None:
         """The watched root that holds `path`."""
@@ -91,19 +101,27 @@ class PathFilter:
 
     def accepts_dir(self, path: Path, root: Path) -> bool:
         """Whether a scan should descend into this directory."""
+        if root in self.file_roots:
+            return path == root
         rel = _relative(path, root)
-        return not self._own_state(path) and not (rel and self.exclude.match_file(rel + "/"))
+        return not self._own_state(path) and not (rel and self._ignored(rel + "/", root))
 
     def accepts(self, path: Path, root: Path) -> bool:
         """Whether a file's changes are recorded."""
+        if root in self.file_roots:
+            return path in self.named_logs
         rel = _relative(path, root)
-        if not rel or self._own_state(path) or self.exclude.match_file(rel):
+        if not rel or self._own_state(path) or self._ignored(rel, root):
             return False
         return self.include.match_file(rel)
 
     def is_log(self, path: Path) -> bool:
         """Whether the file is followed as a log rather than diffed."""
-        return self.logs.match_file(path.name)
+        return path in self.named_logs or self.logs.match_file(path.name)
+
+    def _ignored(self, rel: str, root: Path) -> bool:
+        spec = self.gitignored.get(root)
+        return self.exclude.match_file(rel) or bool(spec and spec.match_file(rel))
 
     def _own_state(self, path: Path) -> bool:
         """Gremlin's own runtime files (db, shadow copies, indexes, its own logs)."""
@@ -117,6 +135,32 @@ class PathFilter:
             log_side = path == self.log_dir or self.log_dir in path.parents or path in self.log_dir.parents
             return not log_side
         return False
+
+
+def load_gitignore(root: Path, exclude: pathspec.GitIgnoreSpec) -> pathspec.GitIgnoreSpec:
+    """Every .gitignore under `root` (and .git/info/exclude) as one spec relative to the root."""
+    lines: list[str] = []
+    info = root / ".git" / "info" / "exclude"
+    if info.is_file():
+        lines += info.read_text(errors="replace").splitlines()
+    for top, dirs, files in os.walk(root):
+        rel = Path(top).relative_to(root).as_posix()
+        dirs[:] = [d for d in dirs if not exclude.match_file(f"{d}/" if rel == "." else f"{rel}/{d}/")]
+        if ".gitignore" in files:
+            text = (Path(top) / ".gitignore").read_text(errors="replace")
+            lines += [_rebase_pattern(line, "" if rel == "." else rel) for line in text.splitlines()]
+    return pathspec.GitIgnoreSpec.from_lines(line for line in lines if line)
+
+
+def _rebase_pattern(line: str, folder: str) -> str:
+    """A pattern of the .gitignore in `folder`, rewritten relative to the root."""
+    line = line.rstrip()
+    if not line or line.startswith("#") or not folder:
+        return "" if line.startswith("#") else line
+    negate, body = (True, line[1:]) if line.startswith("!") else (False, line)
+    anchored = "/" in body.rstrip("/")  # a slash before the end ties it to its own folder
+    body = f"{folder}/{body.lstrip('/')}" if anchored else f"{folder}/**/{body}"
+    return ("!" if negate else "") + body
 
 
 def outermost(roots: Sequence[Path]) -> list[Path]:
@@ -215,8 +259,9 @@ class Watcher:
         """Check the roots, start observing, then reconcile every root in the worker."""
         for root in self.roots:
             if not root.is_dir():
+                where = "log_files" if root in self.filter.file_roots else "roots"
                 raise WatchError(f"watched path {root} does not exist or is not a directory; "
-                                 "create it, or remove it from [watch] roots in "
+                                 f"create it, or remove it from [watch] {where} in "
                                  f"{self.settings.config_file} (or from --watch)")
         self._started_ns = time.time_ns()
         logging.getLogger("watchdog.observers.inotify").addHandler(self._overflow)

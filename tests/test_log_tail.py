@@ -127,3 +127,18 @@ def test_restart_continues_from_the_saved_offset(detector, store, watched: Path,
     again = ChangeDetector(store, ShadowStore(settings.memory.shadow_dir), settings.watch,
                            settings.memory.memory_chars, is_log=lambda p: p.suffix == ".log")
     assert [e.meta["title"] for e in follow(again, store, log, watched)] == ["ERROR while Gremlin was down"]
+
+
+def test_a_log_checked_between_rotation_and_its_new_file_loses_nothing(detector, store, watched: Path):
+    log = watched / "api.log"
+    log.write_text("INFO up\n")
+    follow(detector, store, log, watched)
+    with log.open("a") as handle:
+        handle.write("ERROR just before rotation\n")
+    log.rename(watched / "api.log.1")
+    assert follow(detector, store, log, watched) == []  # no file right now: nothing yet, nothing lost
+    with (watched / "api.log.1").open("a") as handle:  # the app writes on until it reopens
+        handle.write("ERROR late line in the old file\n")
+    log.write_text("ERROR in the new file\n")
+    titles = [e.meta["title"] for e in follow(detector, store, log, watched)]
+    assert titles == ["ERROR just before rotation", "ERROR late line in the old file", "ERROR in the new file"]

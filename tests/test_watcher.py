@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -239,3 +240,83 @@ def test_a_crash_during_the_first_scan_does_not_swallow_later_files_into_the_bas
         assert store.file_state(str(watched / "old.py")) is not None
     finally:
         r.stop()
+
+
+def test_gitignore_is_honoured_when_asked(tmp_path: Path, watched: Path):
+    (watched / ".gitignore").write_text("build/\n*.tmp\n!keep.tmp\n")
+    (watched / "sub").mkdir()
+    (watched / "sub" / ".gitignore").write_text("generated.py\n/local_only.txt\n")
+    settings = load_settings(make_home(tmp_path, watched, gitignore=True))
+    f = PathFilter(settings, [watched])
+    assert not f.accepts_dir(watched / "build", watched)
+    assert not f.accepts(watched / "x" / "scratch.tmp", watched)
+    assert f.accepts(watched / "keep.tmp", watched)
+    assert not f.accepts(watched / "sub" / "deeper" / "generated.py", watched)
+    assert not f.accepts(watched / "sub" / "local_only.txt", watched)
+    assert f.accepts(watched / "sub" / "deeper" / "local_only.txt", watched)
+    assert f.accepts(watched / "generated.py", watched)  # the nested rule stays in its folder
+    off = PathFilter(load_settings(make_home(tmp_path / "off", watched)), [watched])
+    assert off.accepts(watched / "x" / "scratch.tmp", watched)
+
+
+def test_named_log_files_are_followed_without_watching_their_folder(tmp_path: Path, watched: Path):
+    logs = tmp_path / "var_log"
+    (logs / "nested").mkdir(parents=True)
+    app_log = logs / "app.log"
+    app_log.write_text("INFO boot\n")
+    home = make_home(tmp_path, watched, log_files=[str(app_log)])
+    settings = load_settings(home)
+    store = Store(settings.memory.db)
+    r = Running(settings, store)
+    try:
+        assert logs in r.watcher.roots
+        with app_log.open("a") as handle:
+            handle.write("ERROR the named log failed\n")
+        (logs / "other.log").write_text("ERROR not named, not followed\n")
+        (logs / "nested" / "deep.log").write_text("ERROR not named either\n")
+        assert r.wait_events(1) == [("log", "app.log")]
+    finally:
+        r.stop()
+        store.close()
+    missing = load_settings(make_home(tmp_path / "m", watched, log_files=[str(tmp_path / "nope" / "x.log")]))
+    with pytest.raises(WatchError, match="remove it from \\[watch\\] log_files"):
+        Watcher(missing, Store(missing.memory.db), list.append).start()
+
+
+def _change_unseen_by_inotify(watched: Path, tmp_path: Path) -> Path:
+    """Edit a watched file through a hard link outside the root: inotify reports nothing."""
+    target = watched / "linked.py"
+    target.write_text("value = 1\n")
+    (tmp_path / "outside").mkdir(exist_ok=True)
+    os.link(target, tmp_path / "outside" / "linked.py")
+    return target
+
+
+def test_a_kernel_queue_overflow_triggers_a_reconcile(settings, store, watched: Path, tmp_path: Path):
+    target = _change_unseen_by_inotify(watched, tmp_path)
+    r = Running(settings, store)
+    try:
+        (tmp_path / "outside" / "linked.py").write_text("value = 2\n")
+        time.sleep(SETTLE_S)
+        assert r.events() == []  # inotify did not see it
+        # what watchdog logs when the kernel drops events (its only signal of an overflow)
+        logging.getLogger("watchdog.observers.inotify").warning(
+            "Inotify queue overflowed; reconciling recursive watches below %r", str(watched))
+        assert r.wait_events(1) == [("modified", "linked.py")]
+        assert "+value = 2" in store.events_for_path(str(target))[0]["diff"]
+    finally:
+        r.stop()
+
+
+def test_the_scheduled_reconcile_finds_what_inotify_missed(tmp_path: Path, watched: Path):
+    settings = load_settings(make_home(tmp_path, watched, reconcile_interval_s=1.0))
+    store = Store(settings.memory.db)
+    target = _change_unseen_by_inotify(watched, tmp_path)
+    r = Running(settings, store)
+    try:
+        (tmp_path / "outside" / "linked.py").write_text("value = 3\n")
+        assert r.wait_events(1, timeout=5) == [("modified", "linked.py")]
+        assert store.file_state(str(target)) is not None
+    finally:
+        r.stop()
+        store.close()
