@@ -389,10 +389,10 @@ class Store:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self.transaction() as conn:
             conn.executemany("INSERT OR REPLACE INTO vectors (model_id, memory_id, vec) VALUES (?, ?, ?)",
-                             [(model_id, int(i), v.tobytes()) for i, v in zip(ids, vectors)])
+                             [(model_id, int(i), v.tobytes()) for i, v in zip(ids, vectors, strict=True)])
             if shifts is not None:
                 conn.executemany("UPDATE memories SET meta = json_set(meta, '$.vector_shift', ?) WHERE id = ?",
-                                 [(s, int(i)) for i, s in zip(ids, shifts) if s is not None])
+                                 [(s, int(i)) for i, s in zip(ids, shifts, strict=True) if s is not None])
 
     def vector_ids(self, model_id: str) -> np.ndarray:
         """Ids of the memories that have a vector for this model."""

@@ -14,6 +14,7 @@ import pytest
 from config.settings import init_home, load_settings
 from memory.store import Store
 from memory.vector_store.embedder import Embedder, resolve_model_path
+from self_mutation_watcher.watcher import Watcher
 
 REPO = Path(__file__).resolve().parent.parent
 GREMLIN = [sys.executable, "-m", "agent_core.cli"]
@@ -113,3 +114,37 @@ def start_daemon(home: Path, *extra: str, log: Path | None = None, env: dict | N
     with open(log or home / "daemon.out", "ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen([*GREMLIN, "--home", str(home), "daemon", *extra], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+SETTLE_S = 0.6  # several debounce windows (100 ms in these homes)
+
+
+class Running:
+    """A started Watcher whose sink keeps what it was given."""
+
+    def __init__(self, settings, store: Store, roots=None, sink=None):
+        self.got = []
+        self.watcher = Watcher(settings, store, sink or self.got.extend, roots=roots)
+        self.store = store
+        self.watcher.start()
+        assert self.watcher.wait_idle(20)
+
+    def events(self) -> list[tuple[str, str]]:
+        """(kind, file name) of every recorded event, oldest first."""
+        return [(e["kind"], Path(e["path"]).name) for e in reversed(self.store.recent_events(10_000))]
+
+    def wait_events(self, count: int, timeout: float = 10) -> list[tuple[str, str]]:
+        """Wait for `count` events, then a little longer to catch any extra one."""
+        wait_for(lambda: len(self.events()) >= count, timeout, what=f"{count} events")
+        time.sleep(SETTLE_S)
+        return self.events()
+
+    def stop(self):
+        self.watcher.stop()
+
+
+@pytest.fixture
+def running(settings, store):
+    r = Running(settings, store)
+    yield r
+    r.stop()

@@ -120,7 +120,7 @@ def test_running_out_of_inotify_watches_falls_back_to_polling(home: Path, watche
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"user namespaces are not available here: {probe.stderr.decode().strip()}")
-    cmd = f'echo 5 > /proc/sys/user/max_inotify_watches && exec "$0" -c "$1" "$2" "$3"'
+    cmd = 'echo 5 > /proc/sys/user/max_inotify_watches && exec "$0" -c "$1" "$2" "$3"'
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", cmd, sys.executable,
                            ENOSPC_SCRIPT, str(home), str(watched)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -13,40 +13,7 @@ import pytest
 from config.settings import load_settings
 from memory.store import Store
 from self_mutation_watcher.watcher import Hint, PathFilter, Watcher, WatchError, outermost
-from tests.conftest import make_home, wait_for
-
-SETTLE_S = 0.6  # several debounce windows (100 ms in these homes)
-
-
-class Running:
-    """A started Watcher whose sink keeps what it was given."""
-
-    def __init__(self, settings, store: Store, roots=None, sink=None):
-        self.got = []
-        self.watcher = Watcher(settings, store, sink or self.got.extend, roots=roots)
-        self.store = store
-        self.watcher.start()
-        assert self.watcher.wait_idle(20)
-
-    def events(self) -> list[tuple[str, str]]:
-        """(kind, file name) of every recorded event, oldest first."""
-        return [(e["kind"], Path(e["path"]).name) for e in reversed(self.store.recent_events(10_000))]
-
-    def wait_events(self, count: int, timeout: float = 10) -> list[tuple[str, str]]:
-        wait_for(lambda: len(self.events()) >= count, timeout, what=f"{count} events")
-        time.sleep(SETTLE_S)
-        return self.events()
-
-    def stop(self):
-        self.watcher.stop()
-
-
-@pytest.fixture
-def running(settings, store):
-    r = Running(settings, store)
-    yield r
-    r.stop()
-
+from tests.conftest import SETTLE_S, Running, make_home
 
 def test_files_present_at_first_start_are_a_baseline_not_events(settings, store, watched: Path):
     (watched / "old.py").write_text("x = 1\n")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -11,10 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from memory.store import Store
-from self_mutation_watcher.watcher import Watcher
-from tests.conftest import make_home, start_daemon, wait_for
+from tests.conftest import SETTLE_S, Running, make_home, start_daemon, wait_for
 from tests.test_e2e import status, wait_ready
-from tests.test_watcher import SETTLE_S, Running, running  # noqa: F401 (fixture)
 
 
 def history(store: Store, path: Path) -> list[str]:

@@ -95,7 +95,7 @@ class VectorIndex:
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
         with self._lock:
             scores, ids = self._index.search(query, min(k, self.ntotal), params=params)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1]
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i != -1]
 
     def nearest_similarity(self, vectors: np.ndarray) -> list[float | None]:
         """Cosine similarity of each vector to its nearest indexed neighbour (None: index empty)."""
@@ -103,7 +103,7 @@ class VectorIndex:
             return [None] * len(vectors)
         with self._lock:
             scores, ids = self._index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
-        return [float(s) if i != -1 else None for s, i in zip(scores[:, 0], ids[:, 0])]
+        return [float(s) if i != -1 else None for s, i in zip(scores[:, 0], ids[:, 0], strict=True)]
 
     def save(self) -> None:
         """Write the index atomically (serialised under the lock, written outside it)."""
