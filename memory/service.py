@@ -216,8 +216,8 @@ def release_free_memory() -> None:
 def _hit(row: dict, score: float) -> SearchHit:
     meta = row["meta"]
     return SearchHit(id=row["id"], score=round(score, 4), kind=row["kind"], change=row.get("change"),
-                     path=meta.get("path"), label=meta.get("label"), time=row["created"], preview=make_preview(row["text"]),
-                     event_id=row["event_id"])
+                     path=meta.get("path"), label=meta.get("label"), time=row["created"],
+                     preview=make_preview(row["text"]), event_id=row["event_id"])
 
 
 def make_preview(text: str, lines: int = PREVIEW_LINES) -> str:
