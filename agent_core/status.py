@@ -9,7 +9,7 @@ from agent_core.daemon import RECENT_EVENTS, running_pid
 from memory.service import Memory
 from memory.errors import StoreError
 from memory.store import Store
-from memory.vector_store.embedder import Embedder, model_fingerprint, resolve_model_path
+from memory.vector_store.embedder import Embedder, model_fingerprint, resolve_current_model
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def collect_status(settings) -> dict:
             return request(settings, "status", timeout=10)
         except DaemonUnavailable:
             pass  # still loading its model: report from disk
-    model_id = model_fingerprint(resolve_model_path(settings.model.path, settings.home))
+    model_id = model_fingerprint(resolve_current_model(settings.model.path, settings.home))
     info = {"running": bool(pid), "pid": pid, "state": "starting" if pid else "stopped",
             "home": str(settings.home), "roots": [str(r) for r in settings.watch_roots],
             "model_id": model_id, "counts": {"events": 0, "memories": 0}, "index_size": 0,

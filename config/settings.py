@@ -83,6 +83,42 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class TrainingSettings:
+    """When to retrain, how to fine-tune, and what a new model must prove first."""
+
+    enabled: bool = True
+    logic_globs: tuple[str, ...] = ("*.py",)
+    min_logic_changes: int = 20
+    confidence_threshold: float = 0.70
+    confidence_window: int = 50
+    reward_threshold: float = 0.5
+    cooldown_s: float = 3600.0
+    min_new_pairs: int = 16
+    check_interval_s: float = 30.0
+    poll_interval_s: float = 10.0
+    pair_window_s: float = 3600.0
+    heldout_fraction: float = 0.2
+    min_train_pairs: int = 16
+    min_heldout_pairs: int = 8
+    max_pairs: int = 20000
+    epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 32
+    mini_batch_size: int = 0
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    max_seq_length: int = 256
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"
+    min_gain: float = 0.01
+    tolerance: float = 0.01
+    keep_models: int = 3
+    tensorboard: bool = True
+    mlflow_uri: str = ""
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     """Log files and their rotation."""
 
@@ -104,6 +140,7 @@ SECTIONS: dict[str, type] = {
     "watch": WatchSettings,
     "model": ModelSettings,
     "memory": MemorySettings,
+    "training": TrainingSettings,
     "logging": LoggingSettings,
     "dashboard": DashboardSettings,
 }
@@ -112,6 +149,8 @@ CHOICES = {
     ("model", "device"): ("auto", "cpu", "cuda"),
     ("memory", "synchronous"): ("NORMAL", "FULL"),
     ("logging", "level"): LOG_LEVELS,
+    ("training", "device"): ("auto", "cpu", "cuda"),
+    ("training", "precision"): ("auto", "fp32", "fp16", "bf16"),
 }
 MINIMUMS = {
     ("watch", "debounce_ms"): 0, ("watch", "max_wait_ms"): 0,
@@ -122,6 +161,16 @@ MINIMUMS = {
     ("memory", "index_save_interval_s"): 0, ("memory", "memory_chars"): 64,
     ("logging", "max_bytes"): 1024, ("logging", "backup_count"): 0,
     ("dashboard", "port"): 1,
+    ("training", "min_logic_changes"): 1, ("training", "confidence_threshold"): 0,
+    ("training", "confidence_window"): 1, ("training", "cooldown_s"): 0,
+    ("training", "min_new_pairs"): 0, ("training", "check_interval_s"): 1,
+    ("training", "poll_interval_s"): 0.1, ("training", "pair_window_s"): 0,
+    ("training", "heldout_fraction"): 0.05, ("training", "min_train_pairs"): 2,
+    ("training", "min_heldout_pairs"): 2, ("training", "max_pairs"): 4,
+    ("training", "epochs"): 1, ("training", "max_steps"): 0, ("training", "batch_size"): 2,
+    ("training", "mini_batch_size"): 0, ("training", "learning_rate"): 0,
+    ("training", "warmup_ratio"): 0, ("training", "max_seq_length"): 8,
+    ("training", "keep_models"): 1, ("training", "tolerance"): 0,
 }
 
 
@@ -134,6 +183,7 @@ class Settings:
     watch: WatchSettings = field(default_factory=WatchSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
 

@@ -118,6 +118,32 @@ MIGRATIONS: tuple[str, ...] = (
         lineage TEXT NOT NULL DEFAULT '{}'
     );
     """,
+    # 2: full-text search over memories (BM25 for hybrid search), kept in step by triggers
+    # inside the same transaction; the trainer's progress and the model a run produced.
+    """
+    CREATE VIRTUAL TABLE memories_fts USING fts5(
+        text, content='memories', content_rowid='id', tokenize='porter unicode61'
+    );
+    INSERT INTO memories_fts(memories_fts) VALUES ('rebuild');
+    CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
+        INSERT INTO memories_fts(rowid, text) VALUES (new.id, new.text);
+    END;
+    CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    END;
+    CREATE TRIGGER memories_fts_update AFTER UPDATE OF text ON memories BEGIN
+        INSERT INTO memories_fts(memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        INSERT INTO memories_fts(rowid, text) VALUES (new.id, new.text);
+    END;
+    ALTER TABLE runs ADD COLUMN progress TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE runs ADD COLUMN updated TEXT;
+    ALTER TABLE runs ADD COLUMN model_id TEXT;
+    ALTER TABLE runs ADD COLUMN reason TEXT;
+    CREATE TABLE markers (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 10_000
@@ -474,8 +500,17 @@ def _memory_dict(row: sqlite3.Row) -> dict:
 
 
 def _split_sql(script: str) -> list[str]:
-    """Statements of a migration script (executescript would commit mid-transaction)."""
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """Statements of a migration script (executescript would commit mid-transaction).
+
+    Triggers hold `;` inside BEGIN ... END, so statements end where SQLite says they do.
+    """
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip().rstrip(";"))
+            current = ""
+    return [s for s in statements if s] + ([current.strip()] if current.strip() else [])
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

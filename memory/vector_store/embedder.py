@@ -48,6 +48,29 @@ def resolve_model_path(configured: str, home: Path) -> Path:
     return path.resolve()
 
 
+def current_model_file(home: Path) -> Path:
+    """The pointer to the promoted model, switched atomically by the trainer."""
+    return Path(home) / "run" / "checkpoints" / "current_model.json"
+
+
+def resolve_current_model(configured: str, home: Path) -> Path:
+    """The promoted model when a valid pointer exists, else the configured or base model."""
+    pointer = current_model_file(home)
+    try:
+        path = Path(json.loads(pointer.read_text())["path"])
+    except FileNotFoundError:
+        return resolve_model_path(configured, home)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.error("current model pointer unreadable; using the configured model",
+                     extra={"file": str(pointer), "error": str(exc)})
+        return resolve_model_path(configured, home)
+    if not (path / "config.json").is_file():
+        logger.error("current model pointer names a missing model; using the configured model",
+                     extra={"file": str(pointer), "model": str(path)})
+        return resolve_model_path(configured, home)
+    return path.resolve()
+
+
 def model_fingerprint(path: Path) -> str:
     """A stable id for the model in `path`: its folder name and a digest of its files."""
     digest = hashlib.sha256()
@@ -89,7 +112,7 @@ class Embedder:
     def from_settings(cls, settings) -> Embedder:
         """The embedder described by the [model] section of `settings`."""
         m = settings.model
-        return cls(resolve_model_path(m.path, settings.home), m.device, m.batch_size, m.max_seq_length)
+        return cls(resolve_current_model(m.path, settings.home), m.device, m.batch_size, m.max_seq_length)
 
     @property
     def model(self):
