@@ -16,6 +16,9 @@ from config.settings import init_home, load_settings
 console = Console()
 
 MEMORY_KINDS = ("code_diff", "failure", "feedback", "task", "log", "retrain")
+# The search modes (memory.service.SEARCH_MODES) and the score each reports; spelled out
+# here so that `--help` need not import the model stack.
+SCORE_NAMES = {"hybrid": "rrf", "dense": "cosine", "lexical": "bm25"}
 
 
 class GremlinGroup(click.Group):
@@ -93,16 +96,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.argument("query")
 @click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Number of results.")
 @click.option("--kind", type=click.Choice(MEMORY_KINDS), default=None, help="Only memories of this kind.")
+@click.option("--mode", type=click.Choice(tuple(SCORE_NAMES)), default="hybrid", show_default=True,
+              help="dense: by meaning (MiniLM, cosine score); lexical: by exact words and identifiers "
+                   "(SQLite full-text, BM25 score); hybrid: both, fused by reciprocal rank, which "
+                   "finds code by its identifiers and by what it does (rrf score, 1.0 = first in both).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
-def search(ctx: click.Context, query: str, k: int, kind: str | None, as_json: bool) -> None:
-    """Find the memories (diffs, failures) nearest in meaning to QUERY.
+def search(ctx: click.Context, query: str, k: int, kind: str | None, mode: str, as_json: bool) -> None:
+    """Find the memories (diffs, failures) that best match QUERY, by meaning and by words.
 
     Uses the running daemon when there is one; otherwise loads the model here (slower).
     """
     from agent_core.status import search_memory
 
-    hits = search_memory(_settings(ctx), query, k, kind)
+    hits = search_memory(_settings(ctx), query, k, kind, mode)
     if as_json:
         click.echo(json.dumps(hits, indent=2))
         return
@@ -110,7 +117,7 @@ def search(ctx: click.Context, query: str, k: int, kind: str | None, as_json: bo
         console.print("no memories yet: change a watched file while the daemon runs")
         return
     table = Table(show_lines=True)
-    for column in ("score", "kind", "path", "time", "preview"):
+    for column in (f"score ({SCORE_NAMES[mode]})", "kind", "path", "time", "preview"):
         table.add_column(column, overflow="fold")
     for hit in hits:
         kind_text = hit["kind"] + (f" ({hit['change']})" if hit.get("change") else "")

@@ -174,9 +174,9 @@ class Daemon:
         control.start()
         stack.callback(control.stop)
 
-    def search(self, query: str, k: int = 10, kind: str | None = None) -> list[dict]:
-        """Control op: search memory with the loaded model and live index."""
-        return [hit.to_dict() for hit in self.memory.search(query, int(k), kind)]
+    def search(self, query: str, k: int = 10, kind: str | None = None, mode: str = "hybrid") -> list[dict]:
+        """Control op: search memory with the loaded model, live index and full-text index."""
+        return [hit.to_dict() for hit in self.memory.search(query, int(k), kind, mode)]
 
     def status(self) -> dict:
         """Control op: live state for `gremlin status`."""

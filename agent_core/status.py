@@ -42,11 +42,11 @@ def collect_status(settings) -> dict:
     return info
 
 
-def search_memory(settings, query: str, k: int = 5, kind: str | None = None) -> list[dict]:
+def search_memory(settings, query: str, k: int = 5, kind: str | None = None, mode: str = "hybrid") -> list[dict]:
     """Search through the daemon when it runs, else load the model and index here."""
     if running_pid(settings):
         try:
-            return request(settings, "search", query=query, k=k, kind=kind)
+            return request(settings, "search", query=query, k=k, kind=kind, mode=mode)
         except DaemonUnavailable:
             logger.info("daemon not answering yet, searching locally")
     if not settings.memory.db.exists():
@@ -54,6 +54,6 @@ def search_memory(settings, query: str, k: int = 5, kind: str | None = None) -> 
     store = Store(settings.memory.db, readonly=True)
     try:
         memory = Memory(settings, store, Embedder.from_settings(settings))
-        return [hit.to_dict() for hit in memory.search(query, k, kind)]
+        return [hit.to_dict() for hit in memory.search(query, k, kind, mode)]
     finally:
         store.close()

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from memory.drift import DriftDetector
+from memory.errors import MemoryLayerError
+from memory.fusion import RRF_K, reciprocal_rank_fusion
 from memory.store import StoredEvent, Store
 from memory.vector_store.embedder import Embedder
 from memory.vector_store.index import VectorIndex, index_path
@@ -29,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 PREVIEW_LINES = 3
 PREVIEW_CHARS = 160
+SEARCH_MODES = ("hybrid", "dense", "lexical")
+HYBRID_DEPTH = 50  # each ranking fused in hybrid search is at least this deep ...
+HYBRID_DEPTH_FACTOR = 5  # ... and at least this many times the results asked for
+
+
+class SearchModeError(MemoryLayerError):
+    """A search was asked for in a mode that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,11 @@ class Memory:
         self.index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
         self.drift = DriftDetector(settings.watch.drift_window, settings.watch.drift_threshold)
         self._last_save = time.monotonic()
+        # Encoding into the index is serialised (no memory is added twice across a model
+        # swap); readers take the (embedder, index) pair under a short lock, so a search
+        # started before a swap finishes on the old model and index.
+        self._embed_lock = threading.RLock()
+        self._swap_lock = threading.Lock()
         if not store.readonly:
             store.register_model(embedder.model_id, str(embedder.path), "current",
                                  {"source": "base", "base_model": embedder.model_id})
@@ -79,15 +93,54 @@ class Memory:
         The shift of a memory is 1 - its similarity to the nearest memory indexed before it;
         it is stored in the memory's metadata and feeds the drift detector.
         """
-        if not pairs:
-            return 0
-        ids = np.array([p[0] for p in pairs], dtype=np.int64)
-        vectors = self.embedder.encode([p[1] for p in pairs])
-        shifts = [None if s is None else round(1.0 - s, 4) for s in self.index.nearest_similarity(vectors)]
-        self.store.add_vectors(self.model_id, ids, vectors, shifts)
-        self.index.add(ids, vectors)
-        self.drift.add(shifts)
-        return len(ids)
+        with self._embed_lock:
+            embedder, index = self.current()
+            known = set(self.store.vector_ids_among(embedder.model_id, [p[0] for p in pairs]))
+            pairs = [p for p in pairs if p[0] not in known]
+            if not pairs:
+                return 0
+            ids = np.array([p[0] for p in pairs], dtype=np.int64)
+            vectors = embedder.encode([p[1] for p in pairs])
+            shifts = [None if s is None else round(1.0 - s, 4) for s in index.nearest_similarity(vectors)]
+            self.store.add_vectors(embedder.model_id, ids, vectors, shifts)
+            index.add(ids, vectors)
+            self.drift.add(shifts)
+            return len(ids)
+
+    def current(self) -> tuple[Embedder, VectorIndex]:
+        """The embedder and the index that belong together right now."""
+        with self._swap_lock:
+            return self.embedder, self.index
+
+    def build_index(self, embedder: Embedder, batch: int = 256,
+                    progress: Callable[[int, int], None] | None = None) -> VectorIndex:
+        """Embed every memory with `embedder` into its own index, beside the live one.
+
+        Search keeps answering from the live model meanwhile; vectors already stored for
+        this model (an interrupted reindex, a rollback) are reused, never re-encoded.
+        """
+        index = VectorIndex.open(self.settings.memory.index_dir, embedder.model_id, embedder.dim, self.store)
+        total = int(self.store.counts()["memories"])
+        while pairs := self.store.memories_without_vector(embedder.model_id, batch):
+            ids = np.array([p[0] for p in pairs], dtype=np.int64)
+            vectors = embedder.encode([p[1] for p in pairs])
+            self.store.add_vectors(embedder.model_id, ids, vectors)
+            index.add(ids, vectors)
+            if progress:
+                progress(index.ntotal, total)
+        index.save()
+        return index
+
+    def swap(self, embedder: Embedder, index: VectorIndex) -> None:
+        """Serve from `embedder` and `index` from now on; memories added meanwhile are embedded."""
+        with self._embed_lock:
+            old_index = self.index
+            with self._swap_lock:
+                self.embedder, self.index = embedder, index
+            if old_index.dirty and not self.store.readonly:
+                old_index.save()  # kept on disk for an instant rollback
+            self.catch_up()
+        logger.info("search switched model", extra={"model_id": embedder.model_id, "index_size": index.ntotal})
 
     def catch_up(self, batch: int = 256, progress: Callable[[int], None] | None = None) -> int:
         """Embed every memory that has no vector for the current model (after a crash)."""
@@ -100,12 +153,39 @@ class Memory:
             logger.info("embedded memories that had no vector", extra={"count": done})
         return done
 
-    def search(self, query: str, k: int = 10, kind: str | None = None) -> list[SearchHit]:
-        """The k memories nearest to `query`, optionally of one kind, best first."""
-        allowed = self.store.memory_ids(kind) if kind else None
-        found = self.index.search(self.embedder.encode([query])[0], k, allowed)
+    def search(self, query: str, k: int = 10, kind: str | None = None, mode: str = "hybrid") -> list[SearchHit]:
+        """The k memories best matching `query`, optionally of one kind, best first.
+
+        `mode` picks the ranking and what `SearchHit.score` means: "dense" = cosine
+        similarity of MiniLM vectors (meaning); "lexical" = BM25 of the SQLite full-text
+        index, higher is better (exact words and identifiers); "hybrid" (default) = both
+        fused by reciprocal rank, the score scaled so 1.0 is first in both and 0.5 first in
+        one. Memories not embedded yet are still found by "lexical" and "hybrid".
+        """
+        if mode not in SEARCH_MODES:
+            raise SearchModeError(f"unknown search mode {mode!r}; use one of: {', '.join(SEARCH_MODES)}")
+        if mode == "dense":
+            found = self._dense(query, k, kind)
+        elif mode == "lexical":
+            found = self.store.lexical_search(query, k, kind)
+        else:
+            found = self._hybrid(query, k, kind)
         rows = self.store.get_memories([i for i, _ in found])
         return [_hit(rows[i], score) for i, score in found if i in rows]
+
+    def _dense(self, query: str, k: int, kind: str | None) -> list[tuple[int, float]]:
+        embedder, index = self.current()  # one pair: a model swap may happen meanwhile
+        allowed = self.store.memory_ids(kind) if kind else None
+        return index.search(embedder.encode([query])[0], k, allowed)
+
+    def _hybrid(self, query: str, k: int, kind: str | None) -> list[tuple[int, float]]:
+        # Fuse deeper lists than asked for: a memory ranked 30th by one and 2nd by the other
+        # belongs near the top.
+        depth = max(HYBRID_DEPTH, HYBRID_DEPTH_FACTOR * k)
+        rankings = [[i for i, _ in self._dense(query, depth, kind)],
+                    [i for i, _ in self.store.lexical_search(query, depth, kind)]]
+        best = len(rankings) / (RRF_K + 1)  # the fused score of an item first everywhere
+        return [(int(i), score / best) for i, score in reciprocal_rank_fusion(rankings, RRF_K, k)]
 
     def save_index(self, force: bool = False, now: float | None = None) -> bool:
         """Write the index file when it changed and the save interval has passed."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -367,6 +368,25 @@ class Store:
         tables = ("events", "memories", "vectors", "files", "failures", "tasks", "runs", "models")
         return {t: self._query(f"SELECT count(*) FROM {t}")[0][0] for t in tables}
 
+    # -- lexical search --------------------------------------------------------------
+
+    def lexical_search(self, query: str, k: int, kind: str | None = None) -> list[tuple[int, float]]:
+        """(memory id, BM25 score: higher is better) of the k best full-text matches, best first."""
+        match = fts_match_expression(query)
+        if not match or k <= 0:
+            return []
+        if kind is None:
+            sql, params = ("SELECT rowid, bm25(memories_fts) FROM memories_fts WHERE memories_fts MATCH ?"
+                           " ORDER BY bm25(memories_fts) LIMIT ?", (match, k))
+        else:
+            sql, params = ("SELECT m.id, bm25(memories_fts) FROM memories_fts"
+                           " JOIN memories m ON m.id = memories_fts.rowid"
+                           " WHERE memories_fts MATCH ? AND m.kind = ?"
+                           " ORDER BY bm25(memories_fts) LIMIT ?", (match, kind, k))
+        # SQLite's bm25() is lower-is-better (negative); flip it so every search score rises. A
+        # word found in half the memories or more scores ~0 (its IDF is floored at 1e-6).
+        return [(int(r[0]), -float(r[1])) for r in self._query(sql, params)]
+
     # -- watched files ---------------------------------------------------------------
 
     def file_state(self, path: str) -> FileState | None:
@@ -425,6 +445,15 @@ class Store:
         rows = self._query("SELECT memory_id FROM vectors WHERE model_id = ?", (model_id,))
         return np.array([r[0] for r in rows], dtype=np.int64)
 
+    def vector_ids_among(self, model_id: str, ids: Sequence[int]) -> list[int]:
+        """Those of `ids` that already have a vector for this model."""
+        found = []
+        for chunk in _chunks([int(i) for i in ids], 500):
+            marks = ",".join("?" * len(chunk))
+            found += [r[0] for r in self._query(f"SELECT memory_id FROM vectors WHERE model_id = ?"
+                                                f" AND memory_id IN ({marks})", [model_id, *chunk])]
+        return found
+
     def vector_count(self, model_id: str) -> int:
         """How many memories have a vector for this model."""
         return self._query("SELECT count(*) FROM vectors WHERE model_id = ?", (model_id,))[0][0]
@@ -457,6 +486,169 @@ class Store:
             conn.execute("INSERT OR IGNORE INTO models (id, path, created, status, lineage)"
                          " VALUES (?, ?, ?, ?, ?)",
                          (model_id, path, utc_now(now), status, json.dumps(lineage or {})))
+
+    # -- training runs -----------------------------------------------------------------
+
+    def create_run(self, run_id: str, trigger: dict, spec: dict, now: datetime | None = None) -> None:
+        """Record a new training run in state `idle` before any work starts."""
+        stamp = utc_now(now)
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO runs (id, state, trigger, spec, started, updated) VALUES (?, 'idle', ?, ?, ?, ?)",
+                         (run_id, json.dumps(trigger), json.dumps(spec), stamp, stamp))
+
+    def update_run(self, run_id: str, now: datetime | None = None, **fields) -> None:
+        """Change a run's state, progress, metrics, model_id, reason, error or finished time."""
+        allowed = {"state", "progress", "metrics", "model_id", "reason", "error", "finished"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise StoreError(f"unknown run fields {sorted(unknown)}")
+        values = {k: json.dumps(v) if k in ("progress", "metrics") else v for k, v in fields.items()}
+        values["updated"] = utc_now(now)
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self.transaction() as conn:
+            conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*values.values(), run_id))
+
+    def get_run(self, run_id: str) -> dict | None:
+        """One run with its JSON fields decoded, or None."""
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return _run_dict(rows[0]) if rows else None
+
+    def recent_runs(self, limit: int = 10) -> list[dict]:
+        """The newest runs first."""
+        return [_run_dict(r) for r in self._query("SELECT * FROM runs ORDER BY started DESC, id DESC LIMIT ?",
+                                                  (limit,))]
+
+    def runs_in_states(self, states: Sequence[str]) -> list[dict]:
+        """Runs whose state is one of `states`, oldest first."""
+        marks = ",".join("?" * len(states))
+        return [_run_dict(r) for r in self._query(f"SELECT * FROM runs WHERE state IN ({marks}) ORDER BY started",
+                                                  tuple(states))]
+
+    def last_finished_run(self) -> dict | None:
+        """The run that finished most recently, or None."""
+        rows = self._query("SELECT * FROM runs WHERE finished IS NOT NULL ORDER BY finished DESC LIMIT 1")
+        return _run_dict(rows[0]) if rows else None
+
+    # -- models ------------------------------------------------------------------------
+
+    def list_models(self) -> list[dict]:
+        """Every model ever registered, newest first, lineage decoded."""
+        return [_model_dict(r) for r in self._query("SELECT * FROM models ORDER BY created DESC, rowid DESC")]
+
+    def get_model(self, model_id: str) -> dict | None:
+        """One model by id (or by a unique prefix of its id), or None."""
+        rows = self._query("SELECT * FROM models WHERE id = ?", (model_id,)) or \
+            self._query("SELECT * FROM models WHERE id LIKE ? ESCAPE '\\'",
+                        (model_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",))
+        return _model_dict(rows[0]) if len(rows) == 1 else None
+
+    def set_model_status(self, model_id: str, status: str) -> None:
+        """Change a model's status (current, retired, accepted, rejected, pruned)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE models SET status = ? WHERE id = ?", (status, model_id))
+
+    def make_current(self, model_id: str) -> None:
+        """Mark one model current and the one that was current retired, in one transaction."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE models SET status = 'retired' WHERE status = 'current' AND id != ?", (model_id,))
+            conn.execute("UPDATE models SET status = 'current' WHERE id = ?", (model_id,))
+
+    def delete_vectors(self, model_id: str) -> int:
+        """Drop every stored vector of one model (it was pruned); returns how many."""
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM vectors WHERE model_id = ?", (model_id,)).rowcount
+
+    # -- feedback rules ----------------------------------------------------------------
+
+    def get_marker(self, key: str) -> str | None:
+        """One small piece of persistent state (a cursor, a time), or None."""
+        rows = self._query("SELECT value FROM markers WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def get_markers(self, prefix: str) -> dict[str, str]:
+        """Every marker whose key starts with `prefix`."""
+        rows = self._query("SELECT key, value FROM markers WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
+        return {r[0]: r[1] for r in rows}
+
+    def set_marker(self, key: str, value: str) -> None:
+        """Set one marker."""
+        self.set_markers({key: value})
+
+    def set_markers(self, values: dict[str, str]) -> None:
+        """Set several markers in one transaction."""
+        with self.transaction() as conn:
+            conn.executemany("INSERT INTO markers (key, value) VALUES (?, ?)"
+                             " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                             [(k, str(v)) for k, v in values.items()])
+
+    def events_after(self, event_id: int, limit: int = 1000) -> list[dict]:
+        """(id, kind, path, meta) of the events after `event_id`, oldest first, without diffs."""
+        rows = self._query("SELECT id, kind, path, meta FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                           (event_id, limit))
+        return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
+
+    def memory_shifts_after(self, memory_id: int, limit: int) -> list[tuple[int, float]]:
+        """(id, vector shift) of the newest `limit` memories after `memory_id` that have one, oldest first."""
+        rows = self._query("SELECT id, json_extract(meta, '$.vector_shift') FROM memories WHERE id > ?"
+                           " AND json_extract(meta, '$.vector_shift') IS NOT NULL ORDER BY id DESC LIMIT ?",
+                           (memory_id, limit))
+        return [(r[0], float(r[1])) for r in reversed(rows)]
+
+    def newest_memory_id(self) -> int:
+        """The highest memory id (0 when there are none)."""
+        return self._query("SELECT coalesce(max(id), 0) FROM memories")[0][0]
+
+    def insert_task(self, task_type: str, payload: dict | None = None, state: str = "queued",
+                    result: dict | None = None, error: str | None = None, now: datetime | None = None) -> int:
+        """Store a task row as given (a finished state also sets `finished`); return its id."""
+        stamp = utc_now(now)
+        finished = stamp if state in ("done", "failed", "cancelled") else None
+        with self.transaction() as conn:
+            return conn.execute(
+                "INSERT INTO tasks (type, payload, state, created, finished, result, error)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (task_type, json.dumps(payload or {}), state, stamp, finished,
+                 None if result is None else json.dumps(result), error)).lastrowid
+
+    def tasks_finished_after(self, finished: str, task_id: int, limit: int = 1000) -> list[dict]:
+        """Done or failed tasks after the cursor (finished time, id), in that order."""
+        rows = self._query(
+            "SELECT id, type, state, finished, result, error FROM tasks"
+            " WHERE state IN ('done', 'failed') AND finished IS NOT NULL"
+            " AND (finished > ? OR (finished = ? AND id > ?)) ORDER BY finished, id LIMIT ?",
+            (finished, finished, task_id, limit))
+        return [self._feedback_task(r) for r in rows]
+
+    def tasks_created_after(self, task_id: int, task_type: str | None = None, limit: int = 1000) -> list[dict]:
+        """Tasks (of one type, or all) with an id after `task_id`, oldest first."""
+        sql, params = "SELECT id, type, state, finished, result, error FROM tasks WHERE id > ?", [task_id]
+        if task_type:
+            sql, params = sql + " AND type = ?", [*params, task_type]
+        return [self._feedback_task(r) for r in self._query(sql + " ORDER BY id LIMIT ?", [*params, limit])]
+
+    @staticmethod
+    def _feedback_task(row: sqlite3.Row) -> dict:
+        """A task row with its result decoded (an undecodable result reads as None)."""
+        out = dict(row)
+        try:
+            out["result"] = json.loads(out["result"]) if out["result"] else None
+        except ValueError:
+            out["result"] = None
+        return out
+
+
+_WORD = re.compile(r"\w+")
+MAX_QUERY_TERMS = 64  # a pasted traceback stays a bounded query
+
+
+def fts_match_expression(query: str) -> str:
+    """An FTS5 MATCH expression for free text: its words, each quoted, OR-ed ('' if none).
+
+    Quoting every word makes FTS5 operators (AND, NEAR, `*`, `:`, `-`, parentheses) plain
+    words, so no user text can be a syntax error; `\\w+` words never hold a double quote.
+    """
+    words = dict.fromkeys(_WORD.findall(query))  # FTS5 folds case and diacritics itself
+    return " OR ".join(f'"{w}"' for w in list(words)[:MAX_QUERY_TERMS])
 
 
 def _insert_memory(conn: sqlite3.Connection, kind: str, text: str, meta: dict, created: str,
@@ -496,6 +688,19 @@ def _memory_dict(row: sqlite3.Row) -> dict:
     out = dict(row)
     out["meta"] = json.loads(out["meta"])
     out["replaceable"] = bool(out["replaceable"])
+    return out
+
+
+def _run_dict(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    for key in ("trigger", "spec", "metrics", "progress"):
+        out[key] = json.loads(out[key] or "{}")
+    return out
+
+
+def _model_dict(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    out["lineage"] = json.loads(out["lineage"] or "{}")
     return out
 
 
