@@ -127,6 +127,180 @@ def search(ctx: click.Context, query: str, k: int, kind: str | None, mode: str, 
     console.print(table)
 
 
+@main.command()
+@click.option("--now", is_flag=True, help="Skip the cooldown; with no daemon running, train here at once.")
+@click.option("--wait", is_flag=True, help="Wait for the run to end and show its progress.")
+@click.option("--note", default="", help="Why (kept in the trigger and the run's lineage).")
+@click.pass_context
+def train(ctx: click.Context, now: bool, wait: bool, note: str) -> None:
+    """Ask for a retrain: write run/checkpoints/retrain_trigger.json.
+
+    The daemon's trainer claims it, builds a dataset from history, fine-tunes, and
+    promotes the new model only if it beats the current one on held-out pairs. With no
+    daemon running, --now or --wait runs the cycle here. Exit code with --wait: 0
+    promoted, 3 rejected (the current model stays), 1 failed.
+    """
+    from agent_core import training
+
+    settings = _settings(ctx)
+    since = training.now_iso()
+    trigger, via_daemon = training.queue_training(settings, note, force=now)
+    if via_daemon:
+        console.print(f"retrain queued with the daemon ({trigger['trigger']}: {trigger['note']})", highlight=False)
+    elif not (now or wait):
+        console.print(f"retrain queued in {training.trigger_path(settings)}; the daemon picks it up when it "
+                      "runs (make run)", highlight=False)
+        return
+    if not via_daemon:
+        with _TrainingProgress() as bar:
+            outcome = training.run_here(settings, progress=bar.update).to_dict()
+        _finish_run(outcome["outcome"], outcome["reason"], outcome.get("model_id"))
+    if wait:
+        with _TrainingProgress() as bar:
+            run = training.wait_for_run(settings, since, progress=bar.update)
+        _finish_run(run["state"], run["reason"] or "", run.get("model_id"))
+
+
+@main.command()
+@click.option("--seed", default=42, show_default=True, type=int, help="Seed for data order and initialisation.")
+@click.option("--promote", is_flag=True, help="Promote an accepted model (no daemon may be running).")
+@click.option("--json", "as_json", is_flag=True, help="Print the experiment record as JSON.")
+@click.pass_context
+def cycle(ctx: click.Context, seed: int, promote: bool, as_json: bool) -> None:
+    """Run one deterministic self-training cycle here: dataset → train → evaluate → accept/reject.
+
+    Appends the result to data/experiments.jsonl. The model is kept (accepted or
+    rejected with its numbers) but not used unless --promote; `gremlin models rollback ID`
+    switches to it later. Exit code: 0 accepted/promoted, 3 rejected, 1 failed.
+    """
+    from agent_core import training
+
+    settings = _settings(ctx)
+    if promote and training.running_pid(settings):
+        raise GremlinError("--promote needs the daemon stopped (it serves the current model); "
+                           "run without --promote, then `gremlin models rollback ID`")
+    with _TrainingProgress() as bar:
+        record = training.run_cycle(settings, seed, promote, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        sys.exit(training.EXIT_CODES[record["outcome"]])
+    _print_metrics(record["metrics_before"], record["metrics_after"])
+    _finish_run(record["outcome"], record["reason"], record.get("model_id"))
+
+
+@main.group()
+def models() -> None:
+    """Trained models: list them, show one's lineage, roll back."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """Every model this home knows, newest first, with its status and held-out MRR@10."""
+    from agent_core import training
+
+    rows = training.list_models(_settings(ctx))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table()
+    for column in ("id", "status", "created", "source", "pairs", "MRR@10 before → after"):
+        table.add_column(column, overflow="fold")
+    for m in rows:
+        lin = m["lineage"]
+        before, after = lin.get("metrics_before", {}), lin.get("metrics_after", {})
+        mrr = f"{before['mrr@10']:.3f} → {after['mrr@10']:.3f}" if before and after else ""
+        table.add_row(m["id"], m["status"], m["created"][:19], lin.get("source", ""),
+                      str(lin.get("n_pairs", "")), mrr)
+    console.print(table)
+
+
+@models.command("show")
+@click.argument("model_id")
+@click.pass_context
+def models_show(ctx: click.Context, model_id: str) -> None:
+    """Everything recorded about MODEL_ID (an id or a unique prefix): path, status, lineage."""
+    from agent_core import training
+
+    model = training.show_model(_settings(ctx), model_id)
+    if model is None:
+        raise GremlinError(f"no model '{model_id}' (or the prefix matches several); see `gremlin models list`")
+    click.echo(json.dumps(model, indent=2, sort_keys=True))
+
+
+@models.command("rollback")
+@click.argument("model_id", required=False)
+@click.pass_context
+def models_rollback(ctx: click.Context, model_id: str | None) -> None:
+    """Switch search to MODEL_ID, or to the model used before the current one.
+
+    Old models keep their vectors and index until pruned ([training] keep_models), so
+    this is immediate; memories added since are embedded on the way. A running daemon
+    switches without stopping search.
+    """
+    from agent_core import training
+
+    target = training.rollback(_settings(ctx), model_id)
+    console.print(f"now using {target['id']} ({target['path']})", highlight=False)
+
+
+class _TrainingProgress:
+    """A Rich progress bar fed by the trainer's (state, step, total, loss) reports."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console,
+                                  transient=True)
+        self._progress.__enter__()
+        self._task = self._progress.add_task("starting", total=None, loss="")
+        return self
+
+    def update(self, report: dict) -> None:
+        """Show the trainer's latest report."""
+        loss = f"loss {report['loss']:.4f}" if report.get("loss") is not None else ""
+        self._progress.update(self._task, description=report.get("state", ""), completed=report.get("step", 0),
+                              total=report.get("total") or None, loss=loss)
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+
+def _print_metrics(before: dict, after: dict) -> None:
+    if not (before and after):
+        return
+    table = Table(title="held-out retrieval")
+    for column in ("metric", "current", "candidate"):
+        table.add_column(column)
+    for metric in before:
+        table.add_row(metric, f"{before[metric]:.4f}", f"{after[metric]:.4f}")
+    console.print(table)
+
+
+def _finish_run(outcome: str, reason: str, model_id: str | None) -> None:
+    from agent_core.training import EXIT_CODES
+
+    colour = {"promoted": "green", "accepted": "green", "rejected": "yellow"}.get(outcome, "red")
+    model = f" model {model_id}" if model_id else ""
+    console.print(f"[bold {colour}]{outcome}[/]{model}: {reason}", highlight=False)
+    sys.exit(EXIT_CODES.get(outcome, 1))
+
+
+def _render_training(training: dict) -> None:
+    state, progress = training.get("state", "unknown"), training.get("progress") or {}
+    if progress.get("total"):
+        loss = f", loss {progress['loss']:.4f}" if progress.get("loss") is not None else ""
+        state += f" ({progress.get('phase', '')} {progress['step']}/{progress['total']}{loss})"
+    console.print(f"[bold]trainer[/]  {state}", highlight=False)
+    last = training.get("last_run")
+    if last:
+        when = (last.get("finished") or last.get("started") or "")[:19]
+        console.print(f"         last run {last['id']} {last['state']} {when}: {last.get('reason') or ''}",
+                      highlight=False)
+
+
 def _render_status(info: dict) -> None:
     running = f"running (pid {info['pid']}, {info['state']})" if info["running"] else "not running"
     console.print(f"[bold]daemon[/]   {running}", highlight=False)
@@ -136,6 +310,7 @@ def _render_status(info: dict) -> None:
     console.print(f"[bold]memory[/]   {c['events']} events, {c['memories']} memories, "
                   f"{info['index_size']} indexed", highlight=False)
     console.print(f"[bold]model[/]    {info['model_id']}", highlight=False)
+    _render_training(info.get("training") or {})
     watcher = info.get("watcher", {})
     for root, why in watcher.get("degraded", {}).items():
         console.print(f"[bold yellow]degraded[/] {root}: {why} (polling; see the log for the fix)",
@@ -163,6 +338,45 @@ def _render_status(info: dict) -> None:
             path = f"{ev['old_path']} -> {ev['path']}" if ev.get("old_path") else ev["path"]
             table.add_row(str(ev["id"]), ev["time"][:19], ev["kind"], path)
         console.print(table)
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--since", metavar="DATE", default=None,
+              help="Only commits made on or after DATE (ISO-8601: 2024-01-31 or 2024-01-31T12:00:00Z; UTC "
+                   "when no offset is given).")
+@click.option("--merges", is_flag=True,
+              help="Also store merge commits of the main line, each as one change against its first parent "
+                   "(a merged pull request as a whole). Default: skip merges.")
+@click.pass_context
+def replay(ctx: click.Context, path: Path, since: str | None, merges: bool) -> None:
+    """Backfill memory and training pairs from the git history of the repository at PATH.
+
+    Walks the first-parent history oldest first and stores each commit once: its diff
+    (secrets redacted) and its message, cleaned of issue numbers and trailers, become a
+    searchable memory and a "commit" training pair (message → diff). Running it again
+    stores only commits not stored yet. It writes to this home's database directly (a
+    running daemon is fine); the daemon embeds the new memories when it next catches up.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from memory.store import Store
+    from self_training.replay import replay_repository
+
+    settings = _settings(ctx)
+    store = Store(settings.memory.db, settings.memory.synchronous)
+    columns = (TextColumn("replaying commits"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("replay", total=None)
+            result = replay_repository(store, settings, path, since, merges=merges,
+                                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    finally:
+        store.close()
+    console.print(f"replayed {result.repo}: {result.commits_seen} commits seen, {result.commits_stored} stored, "
+                  f"{result.skipped} skipped (already stored or without a diff)"
+                  + ("; the daemon embeds them when it next runs" if result.commits_stored else ""),
+                  highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

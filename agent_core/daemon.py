@@ -8,6 +8,7 @@ record every pending change, saves the index, closes the database and exits 0.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from pathlib import Path
 
 from agent_core.control import ControlServer
@@ -24,11 +26,16 @@ from memory.service import EmbedQueue, Memory
 from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
 from self_mutation_watcher.watcher import Watcher
+from self_training.feedback_loop import FeedbackLoop, parse_trigger, trigger_path, write_trigger_atomically
+from self_training.generate_dataset import count_new_pairs
+from self_training.replay import sync_watched_repositories
+from self_training.trainer import Trainer, recover_interrupted_runs, switch_model
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "gremlin.pid"
 RECENT_EVENTS = 5
+CATCH_UP_INTERVAL_S = 60.0  # memories other processes added (replay, cycle) get embedded
 
 
 class AlreadyRunning(GremlinError):
@@ -121,6 +128,8 @@ class Daemon:
         self.memory: Memory | None = None
         self.watcher: Watcher | None = None
         self.embedding: EmbedQueue | None = None
+        self.trainer: Trainer | None = None
+        self.scheduler = None
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: ask the main loop to stop; a second signal forces an exit."""
@@ -157,6 +166,7 @@ class Daemon:
         t0 = time.monotonic()
         self.store = Store(s.memory.db, s.memory.synchronous)
         stack.callback(self.store.close)
+        recover_interrupted_runs(s, self.store)  # before the model pointer is read
         embedder = Embedder.from_settings(s)
         self.memory = Memory(s, self.store, embedder)
         stack.callback(self.memory.save_index, force=True)
@@ -170,9 +180,45 @@ class Daemon:
         self.watcher = Watcher(s, self.store, self.embedding.submit)
         self.watcher.start()
         stack.callback(self.watcher.stop)
-        control = ControlServer(s, {"status": self.status, "search": self.search})
+        self.trainer = Trainer(s, self.store, self.memory, stop=self._stop)
+        self._start_scheduler(stack)
+        control = ControlServer(s, {"status": self.status, "search": self.search, "train": self.train,
+                                    "models.switch": self.switch_model})
         control.start()
         stack.callback(control.stop)
+
+    def _start_scheduler(self, stack: ExitStack) -> None:
+        """APScheduler jobs: the trainer polls its trigger, the rules run, git commits are synced."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        cfg, store = self.settings.training, self.store
+        feedback = FeedbackLoop(self.settings, store, lambda after: count_new_pairs(store, self.settings, after),
+                                self.memory.drift.state)
+        self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
+            "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
+        jobs = (("trainer.poll", self.trainer.poll, cfg.poll_interval_s),
+                ("feedback.check", feedback.check, cfg.check_interval_s),
+                ("git.sync", lambda: sync_watched_repositories(store, self.settings), cfg.check_interval_s),
+                ("memory.catch_up", self.memory.catch_up, CATCH_UP_INTERVAL_S))
+        for job_id, func, seconds in jobs:
+            self.scheduler.add_job(_guarded(job_id, func), "interval", seconds=seconds, id=job_id)
+        self.scheduler.start()
+        stack.callback(self.scheduler.shutdown)  # waits for a running job; the trainer stops at its next step
+
+    def train(self, trigger: dict) -> dict:
+        """Control op: queue a retrain trigger and wake the trainer."""
+        written = write_trigger_atomically(trigger_path(self.settings),
+                                           parse_trigger(json.dumps(trigger), Path("<control request>")))
+        self.scheduler.modify_job("trainer.poll", next_run_time=datetime.now(timezone.utc))
+        return written.to_dict()
+
+    def switch_model(self, model_id: str | None = None) -> dict:
+        """Control op: roll back (or forward) to a kept model; search answers throughout."""
+        if self.trainer.state != "idle":
+            raise GremlinError(f"a training run is in progress ({self.trainer.state}); "
+                               "wait for it to end (gremlin status) and try again")
+        target = switch_model(self.settings, self.store, model_id, self.memory)
+        return {"id": target["id"], "path": target["path"]}
 
     def search(self, query: str, k: int = 10, kind: str | None = None, mode: str = "hybrid") -> list[dict]:
         """Control op: search memory with the loaded model, live index and full-text index."""
@@ -188,4 +234,15 @@ class Daemon:
             "counts": self.store.counts(), **self.memory.describe(),
             "recent_events": self.store.recent_events(RECENT_EVENTS),
             "failures": self.store.failure_counts(RECENT_EVENTS),
+            "training": self.trainer.describe(),
         }
+
+
+def _guarded(job_id: str, func):
+    """A scheduler job that logs its failure and lets the next run try again."""
+    def job():
+        try:
+            func()
+        except Exception:  # noqa: BLE001 - one bad run of a job never stops the daemon
+            logger.exception("scheduled job failed", extra={"job": job_id})
+    return job

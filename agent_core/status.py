@@ -36,10 +36,18 @@ def collect_status(settings) -> dict:
         try:
             info.update(counts=store.counts(), index_size=store.vector_count(model_id),
                         recent_events=store.recent_events(RECENT_EVENTS),
-                        failures=store.failure_counts(RECENT_EVENTS))
+                        failures=store.failure_counts(RECENT_EVENTS),
+                        training={"state": "not running", "last_run": _last_run(store)})
         finally:
             store.close()
     return info
+
+
+def _last_run(store: Store) -> dict | None:
+    runs = store.recent_runs(1)
+    if not runs:
+        return None
+    return {k: runs[0].get(k) for k in ("id", "state", "started", "finished", "reason", "model_id")}
 
 
 def search_memory(settings, query: str, k: int = 5, kind: str | None = None, mode: str = "hybrid") -> list[dict]:

@@ -114,22 +114,8 @@ class Memory:
 
     def build_index(self, embedder: Embedder, batch: int = 256,
                     progress: Callable[[int, int], None] | None = None) -> VectorIndex:
-        """Embed every memory with `embedder` into its own index, beside the live one.
-
-        Search keeps answering from the live model meanwhile; vectors already stored for
-        this model (an interrupted reindex, a rollback) are reused, never re-encoded.
-        """
-        index = VectorIndex.open(self.settings.memory.index_dir, embedder.model_id, embedder.dim, self.store)
-        total = int(self.store.counts()["memories"])
-        while pairs := self.store.memories_without_vector(embedder.model_id, batch):
-            ids = np.array([p[0] for p in pairs], dtype=np.int64)
-            vectors = embedder.encode([p[1] for p in pairs])
-            self.store.add_vectors(embedder.model_id, ids, vectors)
-            index.add(ids, vectors)
-            if progress:
-                progress(index.ntotal, total)
-        index.save()
-        return index
+        """Embed every memory with `embedder` into its own index while search uses the live one."""
+        return build_index(self.settings, self.store, embedder, batch, progress)
 
     def swap(self, embedder: Embedder, index: VectorIndex) -> None:
         """Serve from `embedder` and `index` from now on; memories added meanwhile are embedded."""
@@ -204,6 +190,26 @@ class Memory:
                 "device": self.embedder.device, "index_size": self.index.ntotal,
                 "index_file": str(path), "index_saved": path.exists(),
                 "drift": asdict(self.drift.state())}
+
+
+def build_index(settings, store: Store, embedder: Embedder, batch: int = 256,
+                progress: Callable[[int, int], None] | None = None) -> VectorIndex:
+    """The saved index of every memory for `embedder`'s model, encoding only what is missing.
+
+    Vectors already stored for this model (an interrupted reindex, a rollback to a kept
+    model) are reused from SQLite, never re-encoded.
+    """
+    index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
+    total = int(store.counts()["memories"])
+    while pairs := store.memories_without_vector(embedder.model_id, batch):
+        ids = np.array([p[0] for p in pairs], dtype=np.int64)
+        vectors = embedder.encode([p[1] for p in pairs])
+        store.add_vectors(embedder.model_id, ids, vectors)
+        index.add(ids, vectors)
+        if progress:
+            progress(index.ntotal, total)
+    index.save()
+    return index
 
 
 def _pairs(stored: Sequence[StoredEvent]) -> list[tuple[int, str]]:

@@ -336,7 +336,7 @@ class Store:
     def get_memories(self, ids: Sequence[int]) -> dict[int, dict]:
         """Memories by id, with their event's time and kind; missing ids are left out."""
         rows = []
-        for chunk in _chunks(list(ids), 500):
+        for chunk in _chunks([int(i) for i in ids], 500):  # numpy ints would bind as blobs
             marks = ",".join("?" * len(chunk))
             rows += self._query(
                 "SELECT m.id, m.kind, m.text, m.meta, m.replaceable, m.created, m.event_id,"
@@ -635,6 +635,45 @@ class Store:
         except ValueError:
             out["result"] = None
         return out
+
+    # -- history and training pairs (self_training.replay, generate_dataset) -------------
+
+    def commit_shas(self, root: str) -> set[str]:
+        """The shas of the commits of one repository already stored as `commit` events."""
+        # a commit event's path is its repository: the events_path index finds them
+        rows = self._query("SELECT json_extract(meta, '$.commit') FROM events WHERE path = ? AND kind = 'commit'",
+                           (root,))
+        return {r[0] for r in rows if r[0]}
+
+    def dataset_events(self, after_id: int, limit: int, max_chars: int) -> list[dict]:
+        """Events after `after_id`, oldest first, with their diff cut to `max_chars` characters."""
+        rows = self._query("SELECT id, time, kind, path, root, substr(diff, 1, ?) AS diff, meta FROM events"
+                           " WHERE id > ? ORDER BY id LIMIT ?", (max_chars, after_id, limit))
+        return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
+
+    def event_id_floor(self, keep: int) -> int:
+        """The id just below the newest `keep` events (0 when there are no more than that)."""
+        rows = self._query("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (keep,))
+        return rows[0][0] if rows else 0
+
+    def event_time(self, event_id: int) -> str | None:
+        """The time of one event, or None if there is no such event."""
+        rows = self._query("SELECT time FROM events WHERE id = ?", (event_id,))
+        return rows[0][0] if rows else None
+
+    def dataset_tasks(self, limit: int) -> list[dict]:
+        """The newest `limit` done or failed tasks, oldest first, payload and result decoded."""
+        rows = self._query("SELECT id, type, payload, state, created, started, finished, result, error"
+                           " FROM tasks WHERE state IN ('done', 'failed') ORDER BY id DESC LIMIT ?", (limit,))
+        tasks = []
+        for row in reversed(rows):
+            task = self._feedback_task(row)
+            try:
+                task["payload"] = json.loads(task["payload"] or "{}")
+            except ValueError:
+                task["payload"] = {}
+            tasks.append(task)
+        return tasks
 
 
 _WORD = re.compile(r"\w+")

@@ -1,0 +1,153 @@
+"""Git history as memories: backfill a repository (`gremlin replay`) or follow watched ones.
+
+Each commit becomes one `commit` event (path and root = the repository, diff = the
+redacted diff, cut to `[watch] max_diff_bytes`, its sha in the event's meta) and one
+`code_diff` memory whose text is the cleaned message and the diff. A commit is stored once
+per repository: replaying again stores nothing new. Nothing here loads the model; the
+daemon embeds memories without vectors when it catches up.
+
+`sync_watched_repositories` follows watched roots that are the top of a git work tree: the
+first sync only remembers HEAD (backfilling is `gremlin replay`'s job); later syncs store
+the commits that arrived since.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.settings import Settings
+from memory.store import NewEvent, Store
+from self_mutation_watcher.redact import Redactor
+from self_training.git_history import (Commit, GitHistoryError, LogEntry, clean_message, commit_time, head_sha,
+                                       is_ancestor, is_git_repo, load_commit, log_entries, repository_root,
+                                       summary_line)
+
+logger = logging.getLogger(__name__)
+
+COMMIT_KIND = "commit"  # the event kind of a commit (its memory is a code_diff)
+BATCH = 50  # commits per transaction: a running daemon waits for the write lock at most this long
+MAX_PATHS = 200  # changed paths kept in the metadata of one commit
+SYNC_MARKER = "git_sync."  # + repository path: {"sha", "time"} of the HEAD synced last
+
+Progress = Callable[[int, int], None]  # (commits done, commits in total)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one replay or sync of a repository did."""
+
+    repo: str
+    commits_seen: int
+    commits_stored: int
+    skipped: int  # already stored, or a commit without any diff
+
+
+def commit_event(commit: Commit, repo: Path, redactor: Redactor, memory_chars: int) -> NewEvent | None:
+    """The event and memory of one commit (secrets redacted); None for a commit with no diff."""
+    if not commit.diff.strip():
+        return None
+    diff, found_diff = redactor.redact(commit.diff)
+    message, found_message = redactor.redact(commit.message)
+    cleaned = clean_message(message)
+    paths = list(commit.paths[:MAX_PATHS])
+    meta = {"commit": commit.sha, "author": commit.author, "message": message, "paths": paths,
+            "paths_total": len(commit.paths), "truncated": commit.truncated, "merge": commit.merge}
+    redacted = _merge_counts(found_diff, found_message)
+    if redacted:
+        meta["redacted"] = redacted
+    text = f"{cleaned}\n\n{diff}"[:memory_chars]
+    memory_meta = {"path": str(repo), "label": summary_line(cleaned) or commit.sha[:12], "change": COMMIT_KIND,
+                   "commit": commit.sha, "message": cleaned, "author": commit.author, "paths": paths}
+    return NewEvent(kind=COMMIT_KIND, path=str(repo), root=str(repo), time=commit.time, state=None,
+                    diff=diff, size=len(diff.encode("utf-8")), meta=meta, memory_kind="code_diff",
+                    memory_text=text, memory_meta=memory_meta)
+
+
+def _merge_counts(*counts: dict[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for found in counts:
+        for kind, n in found.items():
+            merged[kind] = merged.get(kind, 0) + n
+    return merged
+
+
+def replay_repository(store: Store, settings: Settings, repo: Path, since: str | None = None,
+                      progress: Progress | None = None, merges: bool = False) -> ReplayResult:
+    """Store every commit of `repo`'s first-parent history (from `since`) not stored yet."""
+    root = repository_root(repo)
+    entries = log_entries(root, since, merges=merges)
+    logger.info("replaying git history", extra={"repo": str(root), "commits": len(entries), "since": since})
+    return store_entries(store, settings, root, entries, progress)
+
+
+def store_entries(store: Store, settings: Settings, root: Path, entries: Sequence[LogEntry],
+                  progress: Progress | None = None) -> ReplayResult:
+    """Read the diff of each entry not stored yet and record them in batches."""
+    known = store.commit_shas(str(root))
+    redactor = Redactor.build(settings.watch.redact, settings.watch.redact_patterns)
+    batch: list[NewEvent] = []
+    stored = skipped = 0
+    for done, entry in enumerate(entries, start=1):
+        event = None if entry.sha in known else commit_event(
+            load_commit(root, entry, settings.watch.max_diff_bytes), root, redactor, settings.memory.memory_chars)
+        if event is None:
+            skipped += 1
+        else:
+            batch.append(event)
+            known.add(entry.sha)
+        if len(batch) >= BATCH or (done == len(entries) and batch):
+            stored += len(store.record_events(batch))
+            batch = []
+        if progress is not None:
+            progress(done, len(entries))
+    return ReplayResult(str(root), len(entries), stored, skipped)
+
+
+def sync_watched_repositories(store: Store, settings: Settings, merges: bool = False) -> int:
+    """Store new commits of every watched root that is a git repository; return how many."""
+    stored = 0
+    for root in settings.watch_roots:
+        if not Path(root).is_dir() or not is_git_repo(root):
+            continue
+        try:
+            stored += sync_repository(store, settings, Path(root).resolve(), merges).commits_stored
+        except GitHistoryError as exc:  # one broken repository must not stop the others
+            logger.warning("cannot sync git history, will try again", extra={"repo": str(root), "error": str(exc)})
+    return stored
+
+
+def sync_repository(store: Store, settings: Settings, repo: Path, merges: bool = False) -> ReplayResult:
+    """The commits of `repo` since the HEAD seen last time (the first time: remember HEAD only)."""
+    key = SYNC_MARKER + str(repo)
+    head = head_sha(repo)
+    cursor = _read_cursor(store.get_marker(key))
+    if head is None or (cursor and cursor["sha"] == head):
+        return ReplayResult(str(repo), 0, 0, 0)
+    result = ReplayResult(str(repo), 0, 0, 0)
+    if cursor is not None:
+        if is_ancestor(repo, cursor["sha"], head):
+            entries = log_entries(repo, after_sha=cursor["sha"], until_sha=head, merges=merges)
+        else:  # history rewritten or another branch checked out: what is newer than the cursor
+            entries = log_entries(repo, since=cursor["time"], until_sha=head, merges=merges)
+        result = store_entries(store, settings, repo, entries)
+        if result.commits_stored:
+            logger.info("stored new commits", extra={"repo": str(repo), "commits": result.commits_stored})
+    store.set_marker(key, json.dumps({"sha": head, "time": commit_time(repo, head)}))
+    return result
+
+
+def _read_cursor(value: str | None) -> dict | None:
+    """The stored {"sha", "time"} of a repository, None if absent or unreadable."""
+    try:
+        cursor = json.loads(value) if value else None
+    except ValueError:
+        cursor = None
+    if isinstance(cursor, dict) and cursor.get("sha") and cursor.get("time"):
+        return cursor
+    if value:
+        logger.warning("unreadable git sync marker; starting again from HEAD", extra={"value": value[:200]})
+    return None

@@ -1,0 +1,443 @@
+"""The trainer: a `transitions` state machine that turns a retrain trigger into a proven model.
+
+    idle → building_dataset → training → evaluating → promoting → reindexing → idle
+                 └──────────────┴──► rejected / failed ──► idle
+
+One run at a time: the trigger file is claimed by rename, a trigger that arrives during a
+run waits in the file (coalescing with any other) until the run ends. Every state change
+is committed to the `runs` table first, so after a crash or `kill -9` the interrupted run
+is ended as failed with its reason and its trigger is queued again (`recover`). A model
+is promoted only when the gate (evaluate.py) says it beats the current one on held-out
+pairs that training never saw; promotion switches `run/checkpoints/current_model.json`
+atomically and re-embeds memory into a new index while search answers from the old one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from transitions import Machine
+
+from config.errors import GremlinError
+from memory.atomic import write_json_atomically
+from memory.service import build_index
+from memory.store import Store, utc_now
+from memory.vector_store.embedder import (
+    Embedder,
+    current_model_file,
+    model_fingerprint,
+    resolve_current_model,
+)
+from memory.vector_store.index import index_path
+from self_training.evaluate import evaluate_encoder, gate
+from self_training.feedback_loop import Trigger, claim_trigger, parse_trigger, requeue_trigger, trigger_path
+from self_training.finetune import TrainingSpec, fine_tune
+from self_training.generate_dataset import build_dataset
+
+logger = logging.getLogger(__name__)
+
+# The machine's states and transition table (plain data, DESIGN.md "Trainer").
+STATES = ("idle", "building_dataset", "training", "evaluating", "promoting", "reindexing",
+          "rejected", "failed")
+ACTIVE = ("building_dataset", "training", "evaluating", "promoting", "reindexing")
+TRANSITIONS = (
+    {"trigger": "build", "source": "idle", "dest": "building_dataset"},
+    {"trigger": "train", "source": "building_dataset", "dest": "training"},
+    {"trigger": "evaluate", "source": "training", "dest": "evaluating"},
+    {"trigger": "promote", "source": "evaluating", "dest": "promoting"},
+    {"trigger": "reindex", "source": "promoting", "dest": "reindexing"},
+    {"trigger": "reject", "source": ["building_dataset", "evaluating"], "dest": "rejected"},
+    {"trigger": "fail", "source": list(ACTIVE), "dest": "failed"},
+    {"trigger": "finish", "source": ["evaluating", "reindexing", "rejected", "failed"], "dest": "idle"},
+)
+# How a finished run ended (the `runs.state` it keeps).
+OUTCOMES = ("promoted", "accepted", "rejected", "failed")
+PROGRESS_EVERY_S = 2.0
+
+
+class TrainerBusy(GremlinError):
+    """Another process is training on this home right now."""
+
+
+class Interrupted(GremlinError):
+    """The daemon is stopping; the run ends as failed and its trigger is queued again."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one run ended."""
+
+    run_id: str
+    outcome: str
+    reason: str
+    model_id: str | None = None
+    metrics_before: dict = field(default_factory=dict)
+    metrics_after: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"run_id": self.run_id, "outcome": self.outcome, "reason": self.reason,
+                "model_id": self.model_id, "metrics_before": self.metrics_before,
+                "metrics_after": self.metrics_after, "seconds": self.seconds}
+
+
+def models_dir(settings) -> Path:
+    """Where every trained model gets its own versioned folder."""
+    return settings.run_dir / "checkpoints" / "models"
+
+
+def claimed_path(settings, run_id: str) -> Path:
+    """Where a claimed trigger lies while its run lasts."""
+    return settings.run_dir / "checkpoints" / "claimed" / f"{run_id}.json"
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A sortable, unique run id such as 20261124-171942-a3f0."""
+    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+class TrainerLock:
+    """An flock on run/trainer.lock: one trainer per home, across the daemon and the CLI."""
+
+    def __init__(self, settings):
+        self.path = settings.run_dir / "trainer.lock"
+        self._handle = None
+
+    def acquire(self, blocking: bool = False) -> bool:
+        """Take the lock; False when another process holds it (and not blocking)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="ascii")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        """Drop the lock."""
+        if self._handle:
+            self._handle.close()
+            self._handle = None
+
+
+def recover_interrupted_runs(settings, store: Store, now: datetime | None = None) -> list[str]:
+    """End runs a dead process left active as failed, put back their triggers and the model pointer."""
+    recovered = []
+    for run in store.runs_in_states(ACTIVE + ("idle",)):
+        reason = (f"interrupted during {run['state']}: the process stopped (crash, kill -9 or power "
+                  "loss) before the run ended; its trigger was queued again")
+        previous = run["metrics"].get("previous_model")
+        if run["state"] in ("promoting", "reindexing") and previous:
+            write_json_atomically(current_model_file(settings.home), previous)
+            store.make_current(previous["id"])
+        if run["trigger"]:
+            requeue_trigger(trigger_path(settings), _trigger_from_dict(run["trigger"]))
+        claimed_path(settings, run["id"]).unlink(missing_ok=True)
+        store.update_run(run["id"], state="failed", reason=reason, finished=utc_now(now), now=now)
+        logger.error("training run interrupted", extra={"run_id": run["id"], "state": run["state"]})
+        recovered.append(run["id"])
+    return recovered
+
+
+def _trigger_from_dict(data: dict) -> Trigger:
+    return parse_trigger(json.dumps(data), Path("<runs table>"))
+
+
+class Trainer:
+    """Runs one training cycle at a time; `memory` is the live memory to promote into (or None)."""
+
+    def __init__(self, settings, store: Store, memory=None, stop: threading.Event | None = None):
+        self.settings = settings
+        self.store = store
+        self.memory = memory
+        self.stop_event = stop or threading.Event()
+        self.run_id: str | None = None
+        self.progress: dict = {}
+        self.on_progress: Callable[[dict], None] | None = None  # a terminal's progress bar
+        self._last_progress_write = 0.0
+        self.machine = Machine(model=self, states=list(STATES), transitions=list(TRANSITIONS),
+                               initial="idle", auto_transitions=False, after_state_change="_persist_state")
+
+    # -- scheduling ------------------------------------------------------------------
+
+    def poll(self, now: datetime | None = None) -> RunOutcome | None:
+        """Claim a pending trigger and run it, unless busy or within the cooldown."""
+        if self.state != "idle" or not self.settings.training.enabled:
+            return None
+        path = trigger_path(self.settings)
+        if not path.exists() or self._cooling_down(path, now):
+            return None
+        lock = TrainerLock(self.settings)
+        if not lock.acquire():
+            return None  # a `gremlin cycle` or `train --now` is running; the trigger waits
+        try:
+            run_id = new_run_id(now)
+            trigger = claim_trigger(path, claimed_path(self.settings, run_id))
+            return None if trigger is None else self.run(trigger, run_id=run_id)
+        finally:
+            lock.release()
+
+    def _cooling_down(self, path: Path, now: datetime | None) -> bool:
+        """True while the last run ended less than cooldown_s ago (a forced trigger skips it)."""
+        last = self.store.last_finished_run()
+        if last is None:
+            return False
+        try:
+            if parse_trigger(path.read_text(encoding="utf-8"), path).force:
+                return False
+        except (OSError, GremlinError):
+            return False  # let claim_trigger move a malformed file aside now
+        now = now or datetime.now(timezone.utc)
+        age = (now - datetime.fromisoformat(last["finished"])).total_seconds()
+        return age < self.settings.training.cooldown_s
+
+    # -- one run ---------------------------------------------------------------------
+
+    def run(self, trigger: Trigger, spec: TrainingSpec | None = None, promote: bool = True,
+            run_id: str | None = None, now: datetime | None = None) -> RunOutcome:
+        """Dataset → fine-tune → gate → (promote → reindex); never raises for a failed run."""
+        spec = spec or TrainingSpec.from_settings(self.settings.training)
+        self.run_id = run_id or new_run_id(now)
+        self.progress = {}
+        started = time.monotonic()
+        self.store.create_run(self.run_id, trigger.to_dict(), spec.to_dict(), now=now)
+        logger.info("training run started", extra={"run_id": self.run_id, "trigger": trigger.trigger,
+                                                   "note": trigger.note})
+        try:
+            outcome = self._cycle(trigger, spec, promote)
+        except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the daemon goes on
+            outcome = self._failed(exc, trigger)
+        outcome = RunOutcome(**{**outcome.to_dict(), "seconds": round(time.monotonic() - started, 1)})
+        self._end(outcome, now)
+        return outcome
+
+    def _cycle(self, trigger: Trigger, spec: TrainingSpec, promote: bool) -> RunOutcome:
+        self.build()
+        dataset = build_dataset(self.store, self.settings)
+        cfg = self.settings.training
+        self._set_metrics(dataset={"train": len(dataset.train), "heldout": len(dataset.heldout),
+                                   "sha256": dataset.sha256, "counts": dataset.counts})
+        if len(dataset.train) < cfg.min_train_pairs or len(dataset.heldout) < cfg.min_heldout_pairs:
+            self.reject()
+            return RunOutcome(self.run_id, "rejected", (
+                f"not enough history: {len(dataset.train)} training and {len(dataset.heldout)} held-out "
+                f"pairs (need {cfg.min_train_pairs} and {cfg.min_heldout_pairs}); it will try again "
+                "after more changes"))
+        self.train()
+        current = self._current_embedder()
+        out_dir = models_dir(self.settings) / self.run_id
+        result = fine_tune([(p.input, p.output) for p in dataset.train], spec, current.path, out_dir,
+                           progress=self._on_step, tensorboard_dir=self._tensorboard_dir(),
+                           mlflow_uri=cfg.mlflow_uri)
+        self.evaluate()
+        candidate = Embedder(out_dir, spec.device, self.settings.model.batch_size, self.settings.model.max_seq_length)
+        heldout = [(p.input, p.output) for p in dataset.heldout]
+        before = evaluate_encoder(current.encode, heldout)
+        after = evaluate_encoder(candidate.encode, heldout)
+        decision = gate(before, after, cfg.min_gain, cfg.tolerance)
+        lineage = self._lineage(trigger, spec, dataset, result, current, before, after, decision)
+        self._save_model(out_dir, candidate.model_id, spec, lineage, decision.accepted)
+        outcome = RunOutcome(self.run_id, "accepted" if decision.accepted else "rejected", decision.reason,
+                             candidate.model_id, before, after)
+        self._remember(outcome, trigger)
+        if not decision.accepted:
+            self.reject()
+            return outcome
+        if not promote:
+            return outcome
+        self._promote(candidate, current)
+        return RunOutcome(**{**outcome.to_dict(), "outcome": "promoted"})
+
+    def _promote(self, candidate: Embedder, current: Embedder) -> None:
+        self.promote()
+        self._set_metrics(previous_model={"id": current.model_id, "path": str(current.path)})
+        write_json_atomically(current_model_file(self.settings.home),
+                              {"id": candidate.model_id, "path": str(candidate.path), "time": utc_now()})
+        self.store.make_current(candidate.model_id)
+        self.reindex()
+        if self.memory is not None:
+            index = self.memory.build_index(candidate, progress=self._on_reindex)
+            self.memory.swap(candidate, index)
+        else:  # a foreground run: the index is ready when the daemon next starts
+            build_index(self.settings, self.store, candidate, progress=self._on_reindex)
+        prune_models(self.settings, self.store)
+
+    def _failed(self, exc: Exception, trigger: Trigger) -> RunOutcome:
+        interrupted = isinstance(exc, Interrupted)
+        if interrupted:
+            requeue_trigger(trigger_path(self.settings), trigger)
+            logger.warning("training run interrupted; trigger queued again", extra={"run_id": self.run_id})
+        else:
+            logger.exception("training run failed", extra={"run_id": self.run_id, "state": self.state})
+        if self.state in ACTIVE:
+            self._restore_pointer()
+            self.fail()
+        return RunOutcome(self.run_id, "failed", f"{type(exc).__name__}: {exc}")
+
+    def _restore_pointer(self) -> None:
+        """A run that failed after switching the pointer switches it back."""
+        previous = (self.store.get_run(self.run_id) or {}).get("metrics", {}).get("previous_model")
+        if self.state in ("promoting", "reindexing") and previous:
+            write_json_atomically(current_model_file(self.settings.home), previous)
+            self.store.make_current(previous["id"])
+
+    def _end(self, outcome: RunOutcome, now: datetime | None) -> None:
+        self.store.update_run(self.run_id, state=outcome.outcome, reason=outcome.reason,
+                              model_id=outcome.model_id, finished=utc_now(now), now=now,
+                              error=outcome.reason if outcome.outcome == "failed" else None)
+        claimed_path(self.settings, self.run_id).unlink(missing_ok=True)
+        if self.state != "idle":
+            self.finish()
+        logger.info("training run ended", extra=outcome.to_dict())
+
+    # -- pieces ----------------------------------------------------------------------
+
+    def _current_embedder(self) -> Embedder:
+        if self.memory is not None:
+            return self.memory.current()[0]
+        return Embedder(resolve_current_model(self.settings.model.path, self.settings.home),
+                        self.settings.training.device, self.settings.model.batch_size,
+                        self.settings.model.max_seq_length)
+
+    def _tensorboard_dir(self) -> Path | None:
+        return self.settings.data_dir / "runs" / self.run_id if self.settings.training.tensorboard else None
+
+    def _lineage(self, trigger, spec, dataset, result, current, before, after, decision) -> dict:
+        return {"source": trigger.trigger, "epoch": spec.epochs, "confidence_gain": decision.gain,
+                "base_model": current.model_id, "base_path": str(current.path),
+                "dataset_sha256": dataset.sha256, "heldout_sha256": dataset.heldout_sha256,
+                "n_pairs": len(dataset.train), "n_heldout": len(dataset.heldout), "sources": dataset.counts,
+                "spec": spec.to_dict(), "metrics_before": before, "metrics_after": after,
+                "decision": decision.to_dict(), "device": result.device, "precision": result.precision,
+                "steps": result.steps, "pairs_per_s": result.pairs_per_s, "train_loss": result.train_loss,
+                "seconds": result.seconds, "run_id": self.run_id, "trigger": trigger.to_dict()}
+
+    def _save_model(self, out_dir: Path, model_id: str, spec: TrainingSpec, lineage: dict, accepted: bool) -> None:
+        """Write spec and lineage beside the weights; a rejected model keeps only its numbers."""
+        write_json_atomically(out_dir / "spec.json", spec.to_dict())
+        write_json_atomically(out_dir / "lineage.json", lineage)
+        self.store.register_model(model_id, str(out_dir), "accepted" if accepted else "rejected", lineage)
+        if not accepted:
+            _drop_weights(out_dir)
+        self._set_metrics(before=lineage["metrics_before"], after=lineage["metrics_after"],
+                          decision=lineage["decision"])
+        self.store.update_run(self.run_id, model_id=model_id)
+
+    def _remember(self, outcome: RunOutcome, trigger: Trigger) -> None:
+        """A retrain memory (never evicted) so search can answer "when did the model change?"."""
+        text = (f"retrain {outcome.outcome}: {outcome.reason}. trigger {trigger.trigger}: {trigger.note}. "
+                f"before {outcome.metrics_before} after {outcome.metrics_after}")
+        meta = {"run_id": self.run_id, "model_id": outcome.model_id, "label": f"retrain {self.run_id}",
+                "metrics_before": outcome.metrics_before, "metrics_after": outcome.metrics_after}
+        self.store.add_memory("retrain", text, meta, replaceable=False)
+
+    def _set_metrics(self, **values) -> None:
+        metrics = (self.store.get_run(self.run_id) or {}).get("metrics", {})
+        self.store.update_run(self.run_id, metrics={**metrics, **values})
+
+    def _on_step(self, step: int, total: int, loss: float | None) -> None:
+        self._report(phase="training", step=step, total=total, loss=None if loss is None else round(loss, 4))
+
+    def _on_reindex(self, done: int, total: int) -> None:
+        self._report(phase="reindexing", step=done, total=total)
+
+    def _report(self, **progress) -> None:
+        """Keep progress for status (written at most every 2 s); stop early when asked."""
+        self.progress = progress
+        if self.on_progress:
+            self.on_progress({"state": self.state, **progress})
+        if time.monotonic() - self._last_progress_write >= PROGRESS_EVERY_S or progress["step"] == progress["total"]:
+            self._last_progress_write = time.monotonic()
+            self.store.update_run(self.run_id, progress=progress)
+        if self.stop_event.is_set():
+            raise Interrupted("the daemon is stopping")
+
+    def _persist_state(self) -> None:
+        if self.on_progress:
+            self.on_progress({"state": self.state})
+        if self.run_id and self.state in ACTIVE:
+            self.store.update_run(self.run_id, state=self.state)
+            logger.info("trainer state", extra={"run_id": self.run_id, "state": self.state})
+
+    def describe(self) -> dict:
+        """State and progress for `gremlin status`."""
+        last = self.store.recent_runs(1)
+        return {"state": self.state, "run_id": self.run_id if self.state != "idle" else None,
+                "progress": self.progress if self.state != "idle" else {},
+                "last_run": _run_summary(last[0]) if last else None}
+
+
+def _run_summary(run: dict) -> dict:
+    return {k: run.get(k) for k in ("id", "state", "started", "finished", "reason", "model_id")}
+
+
+def _drop_weights(out_dir: Path) -> None:
+    """Delete a model's weights and tokenizer, keeping spec.json and lineage.json."""
+    for child in out_dir.iterdir():
+        if child.name not in ("spec.json", "lineage.json"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def prune_models(settings, store: Store) -> list[str]:
+    """Keep the newest `keep_models` trained models besides the current one; drop the rest."""
+    trained = [m for m in store.list_models() if Path(m["path"]).parent == models_dir(settings)]
+    keep = settings.training.keep_models
+    candidates = [m for m in trained if m["status"] in ("accepted", "retired")]
+    pruned = []
+    for model in candidates[keep:]:
+        _drop_weights(Path(model["path"]))
+        store.delete_vectors(model["id"])
+        index_path(settings.memory.index_dir, model["id"]).unlink(missing_ok=True)
+        store.set_model_status(model["id"], "pruned")
+        pruned.append(model["id"])
+    if pruned:
+        logger.info("old models pruned", extra={"models": pruned})
+    return pruned
+
+
+def switch_model(settings, store: Store, model_id: str | None = None, memory=None,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Roll back (or forward) to a kept model: the previous current one when no id is given."""
+    target = _rollback_target(store, model_id)
+    path = Path(target["path"])
+    if not (path / "config.json").is_file():
+        raise GremlinError(f"model {target['id']} has no weights at {path} (it was rejected or pruned); "
+                           "pick one from `gremlin models list` whose status is retired or accepted")
+    if model_fingerprint(path) != target["id"]:
+        raise GremlinError(f"the files in {path} no longer match model {target['id']}; it cannot be used")
+    write_json_atomically(current_model_file(settings.home),
+                          {"id": target["id"], "path": str(path), "time": utc_now()})
+    store.make_current(target["id"])
+    embedder = Embedder(path, settings.model.device, settings.model.batch_size, settings.model.max_seq_length)
+    if memory is not None:
+        memory.swap(embedder, memory.build_index(embedder, progress=progress))
+    else:
+        build_index(settings, store, embedder, progress=progress)
+    logger.info("model switched", extra={"model_id": target["id"]})
+    return target
+
+
+def _rollback_target(store: Store, model_id: str | None) -> dict:
+    if model_id:
+        target = store.get_model(model_id)
+        if target is None:
+            raise GremlinError(f"no model '{model_id}' (or the prefix is ambiguous); see `gremlin models list`")
+        return target
+    retired = [m for m in store.list_models() if m["status"] == "retired"]
+    if not retired:
+        raise GremlinError("there is no earlier model to roll back to; see `gremlin models list`")
+    return retired[0]

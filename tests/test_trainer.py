@@ -1,0 +1,218 @@
+"""The trainer FSM on real homes: dataset from a real git history, a real tiny fine-tune,
+the gate, promotion with search answering throughout, rollback, and crash recovery
+after a real `kill -9`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from transitions import MachineError
+
+from config.settings import load_settings
+from memory.service import Memory
+from memory.store import Store
+from memory.vector_store.embedder import Embedder, current_model_file, resolve_current_model
+from self_training.feedback_loop import claim_trigger, manual_trigger, trigger_path, write_trigger_atomically
+from self_training.replay import replay_repository
+from self_training.trainer import Trainer, recover_interrupted_runs, switch_model
+
+from tests.conftest import GREMLIN, REPO, make_home, wait_for, write_config
+
+TOPICS = ["parser", "cache", "upload", "retry", "logging", "config", "scheduler", "index", "socket",
+          "report", "billing", "auth", "export", "import", "search", "queue", "metrics", "backup",
+          "session", "template", "router", "mailer", "thumbnail", "locale", "payment", "webhook",
+          "archive", "token", "profile", "invoice"]
+# Tiny and fast on a 2-core CPU; the gate is told to accept anything unless a test says otherwise.
+TRAINING = {"min_train_pairs": 8, "min_heldout_pairs": 4, "heldout_fraction": 0.25, "max_steps": 2,
+            "batch_size": 4, "max_seq_length": 48, "learning_rate": 5e-5, "device": "cpu",
+            "min_gain": -1.0, "tolerance": 1.0, "cooldown_s": 0, "tensorboard": False, "poll_interval_s": 0.5}
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=T", "-c", "user.email=t@example.com", *args], cwd=repo,
+                   check=True, capture_output=True)
+
+
+def make_repo(path: Path, n: int = len(TOPICS)) -> Path:
+    """A git repository with one descriptive commit per topic."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q")
+    for i, topic in enumerate(TOPICS[:n]):
+        (path / f"{topic}.py").write_text(f"def handle_{topic}(x):\n    return x + {i}\n")
+        git(path, "add", ".")
+        git(path, "commit", "-q", "-m", f"Add the {topic} handler that adds {i}")
+    return path
+
+
+def training_home(tmp_path: Path, **training) -> Path:
+    home = make_home(tmp_path)
+    write_config(home, watch={"roots": [], "own_source": False}, memory={"index_save_interval_s": 0.5},
+                 model={"device": "cpu", "max_seq_length": 48}, training={**TRAINING, **training})
+    settings = load_settings(home)
+    store = Store(settings.memory.db)
+    try:
+        replay_repository(store, settings, make_repo(tmp_path / "repo"))
+    finally:
+        store.close()
+    return home
+
+
+@pytest.fixture
+def trained_home(tmp_path):
+    return training_home(tmp_path)
+
+
+def test_transitions_follow_the_table(tmp_path):
+    settings = load_settings(make_home(tmp_path))
+    store = Store(settings.memory.db)
+    trainer = Trainer(settings, store)
+    with pytest.raises(MachineError):
+        trainer.promote()               # idle cannot jump to promoting
+    trainer.build()
+    trainer.train()
+    with pytest.raises(MachineError):
+        trainer.reindex()               # training must be evaluated first
+    trainer.evaluate()
+    trainer.reject()
+    trainer.finish()
+    assert trainer.state == "idle"
+    store.close()
+
+
+def test_rejected_run_keeps_its_numbers_but_not_its_weights(trained_home):
+    settings = load_settings(trained_home)
+    write_config(trained_home, model={"device": "cpu"}, training={**TRAINING, "min_gain": 1.0})
+    settings = load_settings(trained_home)
+    store = Store(settings.memory.db)
+    base_id = Embedder.from_settings(settings).model_id
+    outcome = Trainer(settings, store).run(manual_trigger("test"))
+    assert outcome.outcome == "rejected" and "below min_gain" in outcome.reason
+    model = store.get_model(outcome.model_id)
+    assert model["status"] == "rejected" and model["lineage"]["metrics_after"] == outcome.metrics_after
+    folder = Path(model["path"])
+    assert (folder / "lineage.json").exists() and not (folder / "model.safetensors").exists()
+    assert not current_model_file(settings.home).exists()                  # nothing was switched
+    assert Embedder.from_settings(settings).model_id == base_id
+    run = store.get_run(outcome.run_id)
+    assert run["state"] == "rejected" and run["finished"]
+    retrain = store.get_memories(store.memory_ids("retrain"))
+    assert [m["replaceable"] for m in retrain.values()] == [False]
+    store.close()
+
+
+def test_too_little_history_is_rejected_without_training(tmp_path):
+    home = training_home(tmp_path, min_train_pairs=500)
+    settings = load_settings(home)
+    store = Store(settings.memory.db)
+    outcome = Trainer(settings, store).run(manual_trigger("test"))
+    assert outcome.outcome == "rejected" and "not enough history" in outcome.reason
+    assert store.list_models() == []
+    store.close()
+
+
+def test_promotion_reindexes_while_search_answers_and_rollback_restores(trained_home, embedder):
+    settings = load_settings(trained_home)
+    store = Store(settings.memory.db)
+    memory = Memory(settings, store, Embedder.from_settings(settings))
+    memory.catch_up()
+    base_id = memory.model_id
+    answers, stop = [], threading.Event()
+
+    def search_all_the_time():
+        while not stop.is_set():
+            answers.append(len(memory.search("the upload handler", k=3)))
+
+    searcher = threading.Thread(target=search_all_the_time)
+    searcher.start()
+    try:
+        outcome = Trainer(settings, store, memory).run(manual_trigger("test"))
+    finally:
+        stop.set()
+        searcher.join()
+    assert outcome.outcome == "promoted", outcome.reason
+    assert answers and all(n == 3 for n in answers)                        # never an empty answer
+    assert memory.model_id == outcome.model_id != base_id
+    assert memory.index.ntotal == store.counts()["memories"]               # everything re-embedded
+    assert json.loads(current_model_file(settings.home).read_text())["id"] == outcome.model_id
+    lineage = json.loads((Path(store.get_model(outcome.model_id)["path"]) / "lineage.json").read_text())
+    for key in ("source", "epoch", "confidence_gain", "base_model", "dataset_sha256", "n_pairs", "spec",
+                "metrics_before", "metrics_after", "device", "seconds"):
+        assert key in lineage
+    assert lineage["base_model"] == base_id and lineage["source"] == "manual"
+
+    switch_model(settings, store, None, memory)                            # roll back to the base
+    assert memory.model_id == base_id and resolve_current_model("", settings.home).name != outcome.run_id
+    assert store.get_model(outcome.model_id)["status"] == "retired"
+    assert memory.search("the upload handler", k=3)
+    store.close()
+
+
+def test_busy_trainer_leaves_new_triggers_pending_and_they_coalesce(trained_home):
+    settings = load_settings(trained_home)
+    store = Store(settings.memory.db)
+    trainer = Trainer(settings, store)
+    trainer.machine.set_state("training")            # as if a run were under way
+    path = trigger_path(settings)
+    write_trigger_atomically(path, manual_trigger("first"))
+    write_trigger_atomically(path, manual_trigger("second"))
+    assert trainer.poll() is None and path.exists()
+    assert json.loads(path.read_text())["note"] == "first; second"
+    store.close()
+
+
+def test_cooldown_holds_rule_triggers_but_not_forced_ones(trained_home):
+    write_config(trained_home, model={"device": "cpu"}, training={**TRAINING, "cooldown_s": 3600, "min_gain": 1.0})
+    settings = load_settings(trained_home)
+    store = Store(settings.memory.db)
+    trainer = Trainer(settings, store)
+    first = trainer.run(manual_trigger("first"))
+    assert first.outcome == "rejected"
+    path = trigger_path(settings)
+    write_trigger_atomically(path, manual_trigger("again"))
+    assert trainer.poll() is None and path.exists()                 # within the cooldown
+    write_trigger_atomically(path, manual_trigger("now", force=True))
+    outcome = trainer.poll()
+    assert outcome is not None and not path.exists()
+    store.close()
+
+
+def test_kill_9_during_training_ends_the_run_failed_and_requeues_its_trigger(tmp_path):
+    home = training_home(tmp_path, max_steps=400)
+    settings = load_settings(home)
+    write_trigger_atomically(trigger_path(settings), manual_trigger("before the crash"))
+    proc = subprocess.Popen([*GREMLIN, "--home", str(home), "train", "--now"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "CI": ""})
+    reader = None
+    try:
+        def training_started():
+            nonlocal reader
+            if not settings.memory.db.exists():
+                return None
+            reader = reader or Store(settings.memory.db, readonly=True)
+            return [r for r in reader.recent_runs(5) if r["state"] == "training"]
+
+        run = wait_for(training_started, 120, 0.2, "a run in state training")[0]
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if reader:
+            reader.close()
+    assert not trigger_path(settings).exists()                       # it had been claimed
+    store = Store(settings.memory.db)
+    assert recover_interrupted_runs(settings, store) == [run["id"]]
+    ended = store.get_run(run["id"])
+    assert ended["state"] == "failed" and "interrupted during training" in ended["reason"]
+    requeued = claim_trigger(trigger_path(settings), tmp_path / "claim.json")
+    assert requeued is not None and "before the crash" in requeued.note
+    assert recover_interrupted_runs(settings, store) == []           # once only
+    store.close()
