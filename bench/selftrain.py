@@ -10,6 +10,8 @@ text appears in training). Each test message is a query; the corpus is every tes
 Ranked: BM25 (rank_bm25, code-aware tokens: split on non-word characters, snake_case and
 camelCase, lowercased), the base MiniLM, the model Gremlin's `fine_tune` makes from the
 training pairs, and hybrid search (reciprocal-rank fusion of BM25 and each dense ranking).
+Dense models see diffs as Gremlin embeds them (memory/text.py: file names, hunk context and
+changed lines); BM25 ranks the full diff text, as Gremlin's full-text index does.
 Reported: MRR@10, Recall@1, Recall@10; training time and pairs/s.
 
 Target (issue 5): on at least two repositories the fine-tuned model beats the base MiniLM
@@ -41,7 +43,9 @@ from config.settings import TrainingSettings
 from memory.fusion import RRF_K, reciprocal_rank_fusion
 from memory.vector_store.embedder import Embedder, choose_device, resolve_model_path
 from self_training.evaluate import METRICS, dense_rankings, heldout_task, ranking_metrics
+from memory.text import embedding_text
 from self_training.finetune import TrainingSpec, fine_tune
+from self_training.trainer import model_pairs
 from self_training.generate_dataset import Pair, clean_pairs, split_chronologically
 from self_training.git_history import clean_message, load_commit, log_entries, repository_root
 
@@ -146,15 +150,16 @@ def measure_repo(repo: Path, args: argparse.Namespace, workdir: Path) -> RepoRes
     spec = train_spec(args)
     base_path = resolve_model_path("", REPO)
     rankings = {"bm25": bm25_rankings(queries, corpus)}
+    viewed = [embedding_text(doc) for doc in corpus]  # what Gremlin embeds (memory/text.py)
     base = Embedder(base_path, spec.device, args.encode_batch_size, spec.max_seq_length)
-    rankings["base"] = dense(base, queries, corpus)
+    rankings["base"] = dense(base, queries, viewed)
     del base
     meter = LoadMeter([os.getpid()])
-    result = fine_tune([(p.input, p.output) for p in train], spec, base_path, workdir / repo.name,
+    result = fine_tune(model_pairs(train), spec, base_path, workdir / repo.name,
                        progress=_progress(args.verbose))
     other = meter.other_cores()
     tuned = Embedder(result.path, spec.device, args.encode_batch_size, spec.max_seq_length)
-    rankings["tuned"] = dense(tuned, queries, corpus)
+    rankings["tuned"] = dense(tuned, queries, viewed)
     rankings["hybrid_base"] = hybrid(rankings["bm25"], rankings["base"])
     rankings["hybrid_tuned"] = hybrid(rankings["bm25"], rankings["tuned"])
     metrics = {m: ranking_metrics(r, relevant) for m, r in rankings.items()}

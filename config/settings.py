@@ -105,7 +105,7 @@ class TrainingSettings:
     max_steps: int = 0
     batch_size: int = 32
     mini_batch_size: int = 0
-    learning_rate: float = 2e-5
+    learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
     max_seq_length: int = 256
     seed: int = 42

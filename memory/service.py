@@ -24,6 +24,7 @@ from memory.drift import DriftDetector
 from memory.errors import MemoryLayerError
 from memory.fusion import RRF_K, reciprocal_rank_fusion
 from memory.store import StoredEvent, Store
+from memory.text import embedding_text
 from memory.vector_store.embedder import Embedder
 from memory.vector_store.index import VectorIndex, index_path
 
@@ -100,7 +101,7 @@ class Memory:
             if not pairs:
                 return 0
             ids = np.array([p[0] for p in pairs], dtype=np.int64)
-            vectors = embedder.encode([p[1] for p in pairs])
+            vectors = embedder.encode([embedding_text(p[1]) for p in pairs])
             shifts = [None if s is None else round(1.0 - s, 4) for s in index.nearest_similarity(vectors)]
             self.store.add_vectors(embedder.model_id, ids, vectors, shifts)
             index.add(ids, vectors)
@@ -203,7 +204,7 @@ def build_index(settings, store: Store, embedder: Embedder, batch: int = 256,
     total = int(store.counts()["memories"])
     while pairs := store.memories_without_vector(embedder.model_id, batch):
         ids = np.array([p[0] for p in pairs], dtype=np.int64)
-        vectors = embedder.encode([p[1] for p in pairs])
+        vectors = embedder.encode([embedding_text(p[1]) for p in pairs])
         store.add_vectors(embedder.model_id, ids, vectors)
         index.add(ids, vectors)
         if progress:

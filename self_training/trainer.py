@@ -32,6 +32,7 @@ from config.errors import GremlinError
 from memory.atomic import write_json_atomically
 from memory.service import build_index
 from memory.store import Store, utc_now
+from memory.text import embedding_text
 from memory.vector_store.embedder import (
     Embedder,
     current_model_file,
@@ -153,6 +154,11 @@ def recover_interrupted_runs(settings, store: Store, now: datetime | None = None
     return recovered
 
 
+def model_pairs(pairs) -> list[tuple[str, str]]:
+    """(input, output) texts as the model sees them when it embeds memories (memory/text.py)."""
+    return [(embedding_text(p.input), embedding_text(p.output)) for p in pairs]
+
+
 def _trigger_from_dict(data: dict) -> Trigger:
     return parse_trigger(json.dumps(data), Path("<runs table>"))
 
@@ -240,12 +246,12 @@ class Trainer:
         self.train()
         current = self._current_embedder()
         out_dir = models_dir(self.settings) / self.run_id
-        result = fine_tune([(p.input, p.output) for p in dataset.train], spec, current.path, out_dir,
+        result = fine_tune(model_pairs(dataset.train), spec, current.path, out_dir,
                            progress=self._on_step, tensorboard_dir=self._tensorboard_dir(),
                            mlflow_uri=cfg.mlflow_uri)
         self.evaluate()
         candidate = Embedder(out_dir, spec.device, self.settings.model.batch_size, self.settings.model.max_seq_length)
-        heldout = [(p.input, p.output) for p in dataset.heldout]
+        heldout = model_pairs(dataset.heldout)
         before = evaluate_encoder(current.encode, heldout)
         after = evaluate_encoder(candidate.encode, heldout)
         decision = gate(before, after, cfg.min_gain, cfg.tolerance)

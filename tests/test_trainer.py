@@ -216,3 +216,19 @@ def test_kill_9_during_training_ends_the_run_failed_and_requeues_its_trigger(tmp
     assert requeued is not None and "before the crash" in requeued.note
     assert recover_interrupted_runs(settings, store) == []           # once only
     store.close()
+
+
+def test_cycle_with_a_seed_is_deterministic_and_logged(trained_home):
+    from tests.conftest import gremlin
+
+    records = []
+    for _ in range(2):
+        out = gremlin("cycle", "--seed", "7", "--json", home=trained_home, timeout=300, check=False)
+        assert out.returncode == 0, out.stderr                       # the test gate accepts anything
+        records.append(json.loads(out.stdout))
+    assert records[0]["outcome"] == "accepted" and records[0]["seed"] == 7
+    assert records[0]["metrics_after"] == records[1]["metrics_after"]
+    assert records[0]["dataset"]["sha256"] == records[1]["dataset"]["sha256"]
+    lines = (trained_home / "data" / "experiments.jsonl").read_text().splitlines()
+    assert [json.loads(line)["run_id"] for line in lines] == [r["run_id"] for r in records]
+    assert not current_model_file(trained_home).exists()              # a cycle never switches models

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from memory.errors import ModelError
+from memory.text import VIEW_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def resolve_current_model(configured: str, home: Path) -> Path:
 
 def model_fingerprint(path: Path) -> str:
     """A stable id for the model in `path`: its folder name and a digest of its files."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(VIEW_VERSION.encode())
     for name in _CONFIG_FILES:
         if (path / name).is_file():
             digest.update(name.encode() + b"\0" + (path / name).read_bytes())
