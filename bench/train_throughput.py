@@ -32,6 +32,7 @@ from config.settings import TrainingSettings
 from memory.vector_store.embedder import choose_device, resolve_model_path
 from self_training.finetune import TrainingSpec, fine_tune, resolve_precision
 from self_training.generate_dataset import Pair, clean_pairs
+from self_training.trainer import model_pairs
 from self_training.git_history import clean_message, load_commit, log_entries, repository_root
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def repo_pairs(repo: Path, n: int, chars: int) -> list[tuple[str, str]]:
             pairs.append(Pair(clean_message(commit.message)[:chars], commit.diff[:chars], "commit", (), commit.time))
         if len(pairs) >= 2 * n:  # cleaning drops some
             break
-    return [(p.input, p.output) for p in clean_pairs(pairs)][-n:]
+    return model_pairs(clean_pairs(pairs))[-n:]  # the texts as Gremlin trains on them (memory/text.py)
 
 
 def synthetic_pairs(n: int, seq_len: int, seed: int) -> list[tuple[str, str]]:

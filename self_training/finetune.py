@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from config.errors import GremlinError
+from config.settings import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +29,22 @@ class TrainingError(GremlinError):
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """How one model is fine-tuned; saved with every run beside its lineage."""
+    """How one model is fine-tuned; saved with every run beside its lineage.
 
-    epochs: int = 1
-    max_steps: int = 0
-    batch_size: int = 32
-    mini_batch_size: int = 0
-    learning_rate: float = 1e-4
-    warmup_ratio: float = 0.1
-    max_seq_length: int = 256
-    seed: int = 42
-    device: str = "auto"
-    precision: str = "auto"
+    Its defaults are the [training] section's, so a spec made in code and one read from
+    the config agree unless told otherwise.
+    """
+
+    epochs: int = TrainingSettings.epochs
+    max_steps: int = TrainingSettings.max_steps
+    batch_size: int = TrainingSettings.batch_size
+    mini_batch_size: int = TrainingSettings.mini_batch_size
+    learning_rate: float = TrainingSettings.learning_rate
+    warmup_ratio: float = TrainingSettings.warmup_ratio
+    max_seq_length: int = TrainingSettings.max_seq_length
+    seed: int = TrainingSettings.seed
+    device: str = TrainingSettings.device
+    precision: str = TrainingSettings.precision
 
     @classmethod
     def from_settings(cls, training, **overrides) -> TrainingSpec:

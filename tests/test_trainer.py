@@ -232,3 +232,48 @@ def test_cycle_with_a_seed_is_deterministic_and_logged(trained_home):
     lines = (trained_home / "data" / "experiments.jsonl").read_text().splitlines()
     assert [json.loads(line)["run_id"] for line in lines] == [r["run_id"] for r in records]
     assert not current_model_file(trained_home).exists()              # a cycle never switches models
+
+
+def test_a_malformed_trigger_file_is_moved_aside_and_the_trainer_goes_on(tmp_path, caplog):
+    settings = load_settings(make_home(tmp_path))
+    store = Store(settings.memory.db)
+    path = trigger_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"trigger": "mutation_watcher", "time": ')          # cut off mid-write by hand
+    trainer = Trainer(settings, store)
+    assert trainer.poll() is None and trainer.state == "idle"
+    assert not path.exists()
+    assert list((path.parent / "rejected").glob("retrain_trigger.*.json"))
+    assert any(r.levelname == "ERROR" and str(path.parent) in str(r.__dict__) for r in caplog.records)
+    assert store.recent_runs() == []
+    store.close()
+
+
+def test_pruning_keeps_the_newest_models_and_never_the_current_one(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from memory.vector_store.index import index_path
+    from self_training.trainer import models_dir, prune_models
+
+    home = make_home(tmp_path)
+    write_config(home, training={"keep_models": 2})
+    settings = load_settings(home)
+    store = Store(settings.memory.db)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for i, status in enumerate(["retired", "retired", "accepted", "current", "accepted", "rejected"]):
+        folder = models_dir(settings) / f"run-{i}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "lineage.json").write_text("{}")
+        store.register_model(f"m{i}", str(folder), status, now=start + timedelta(hours=i))
+        index_path(settings.memory.index_dir, f"m{i}").parent.mkdir(parents=True, exist_ok=True)
+        index_path(settings.memory.index_dir, f"m{i}").write_bytes(b"x")
+    assert sorted(prune_models(settings, store)) == ["m0", "m1"]         # m4 and m2 are the newest kept
+    status = {m["id"]: m["status"] for m in store.list_models()}
+    assert status == {"m0": "pruned", "m1": "pruned", "m2": "accepted", "m3": "current", "m4": "accepted",
+                      "m5": "rejected"}
+    assert not (models_dir(settings) / "run-0" / "config.json").exists()
+    assert (models_dir(settings) / "run-0" / "lineage.json").exists()    # the numbers stay
+    assert not index_path(settings.memory.index_dir, "m0").exists()
+    assert (models_dir(settings) / "run-3" / "config.json").exists()
+    store.close()
