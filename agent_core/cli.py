@@ -345,9 +345,10 @@ def _render_status(info: dict) -> None:
 @click.option("--since", metavar="DATE", default=None,
               help="Only commits made on or after DATE (ISO-8601: 2024-01-31 or 2024-01-31T12:00:00Z; UTC "
                    "when no offset is given).")
-@click.option("--merges", is_flag=True,
-              help="Also store merge commits of the main line, each as one change against its first parent "
-                   "(a merged pull request as a whole). Default: skip merges.")
+@click.option("--merges/--no-merges", default=True, show_default=True,
+              help="Store the main line's merge commits, each as one change against its first parent (a "
+                   "merged pull request as a whole). Projects that merge pull requests keep most of their "
+                   "history in merges; --no-merges keeps only commits made on the main line itself.")
 @click.pass_context
 def replay(ctx: click.Context, path: Path, since: str | None, merges: bool) -> None:
     """Backfill memory and training pairs from the git history of the repository at PATH.

@@ -76,7 +76,7 @@ def _merge_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 
 def replay_repository(store: Store, settings: Settings, repo: Path, since: str | None = None,
-                      progress: Progress | None = None, merges: bool = False) -> ReplayResult:
+                      progress: Progress | None = None, merges: bool = True) -> ReplayResult:
     """Store every commit of `repo`'s first-parent history (from `since`) not stored yet."""
     root = repository_root(repo)
     entries = log_entries(root, since, merges=merges)
@@ -107,7 +107,7 @@ def store_entries(store: Store, settings: Settings, root: Path, entries: Sequenc
     return ReplayResult(str(root), len(entries), stored, skipped)
 
 
-def sync_watched_repositories(store: Store, settings: Settings, merges: bool = False) -> int:
+def sync_watched_repositories(store: Store, settings: Settings, merges: bool = True) -> int:
     """Store new commits of every watched root that is a git repository; return how many."""
     stored = 0
     for root in settings.watch_roots:
@@ -120,7 +120,7 @@ def sync_watched_repositories(store: Store, settings: Settings, merges: bool = F
     return stored
 
 
-def sync_repository(store: Store, settings: Settings, repo: Path, merges: bool = False) -> ReplayResult:
+def sync_repository(store: Store, settings: Settings, repo: Path, merges: bool = True) -> ReplayResult:
     """The commits of `repo` since the HEAD seen last time (the first time: remember HEAD only)."""
     key = SYNC_MARKER + str(repo)
     head = head_sha(repo)
