@@ -136,7 +136,21 @@ class TrainerLock:
 
 
 def recover_interrupted_runs(settings, store: Store, now: datetime | None = None) -> list[str]:
-    """End runs a dead process left active as failed, put back their triggers and the model pointer."""
+    """End runs a dead process left active as failed, put back their triggers and the model pointer.
+
+    A run is active in the table only while its process holds the trainer lock, so this
+    takes the lock first: a run of a live `gremlin cycle` is never mistaken for a dead one.
+    """
+    lock = TrainerLock(settings)
+    if not lock.acquire():
+        return []
+    try:
+        return _recover(settings, store, now)
+    finally:
+        lock.release()
+
+
+def _recover(settings, store: Store, now: datetime | None) -> list[str]:
     recovered = []
     for run in store.runs_in_states(ACTIVE + ("idle",)):
         reason = (f"interrupted during {run['state']}: the process stopped (crash, kill -9 or power "
@@ -191,6 +205,7 @@ class Trainer:
         if not lock.acquire():
             return None  # a `gremlin cycle` or `train --now` is running; the trigger waits
         try:
+            _recover(self.settings, self.store, now)  # a run left by a process that died meanwhile
             run_id = new_run_id(now)
             trigger = claim_trigger(path, claimed_path(self.settings, run_id))
             return None if trigger is None else self.run(trigger, run_id=run_id)

@@ -277,3 +277,21 @@ def test_pruning_keeps_the_newest_models_and_never_the_current_one(tmp_path):
     assert not index_path(settings.memory.index_dir, "m0").exists()
     assert (models_dir(settings) / "run-3" / "config.json").exists()
     store.close()
+
+
+def test_recovery_leaves_the_run_of_a_live_trainer_alone(tmp_path):
+    from self_training.trainer import TrainerLock
+
+    settings = load_settings(make_home(tmp_path))
+    store = Store(settings.memory.db)
+    store.create_run("live-run", manual_trigger("x").to_dict(), {})
+    store.update_run("live-run", state="training")
+    holder = TrainerLock(settings)
+    assert holder.acquire()                                  # as `gremlin cycle` in another process
+    try:
+        assert recover_interrupted_runs(settings, store) == []
+        assert store.get_run("live-run")["state"] == "training"
+    finally:
+        holder.release()
+    assert recover_interrupted_runs(settings, store) == ["live-run"]   # its holder is gone now
+    store.close()
