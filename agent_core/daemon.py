@@ -27,7 +27,7 @@ from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
 from self_mutation_watcher.watcher import Watcher
 from self_training.feedback_loop import FeedbackLoop, parse_trigger, trigger_path, write_trigger_atomically
-from self_training.generate_dataset import count_new_pairs
+from self_training.generate_dataset import NewPairCounter
 from self_training.replay import sync_watched_repositories
 from self_training.trainer import Trainer, recover_interrupted_runs, switch_model
 
@@ -173,6 +173,7 @@ class Daemon:
         logger.info("model and index ready", extra={"model_id": embedder.model_id,
                                                     "index_size": self.memory.index.ntotal,
                                                     "seconds": round(time.monotonic() - t0, 2)})
+        self._caught_up_to = self.store.newest_memory_id()
         self.memory.catch_up()
         self.embedding = EmbedQueue(self.memory)
         self.embedding.start()
@@ -192,18 +193,23 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         cfg, store = self.settings.training, self.store
-        feedback = FeedbackLoop(self.settings, store, lambda after: count_new_pairs(store, self.settings, after),
-                                self.memory.drift.state)
+        feedback = FeedbackLoop(self.settings, store, NewPairCounter(store, self.settings), self.memory.drift.state)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
             "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
         jobs = (("trainer.poll", self.trainer.poll, cfg.poll_interval_s),
                 ("feedback.check", feedback.check, cfg.check_interval_s),
                 ("git.sync", lambda: sync_watched_repositories(store, self.settings), cfg.check_interval_s),
-                ("memory.catch_up", self.memory.catch_up, CATCH_UP_INTERVAL_S))
+                ("memory.catch_up", self._catch_up_new, CATCH_UP_INTERVAL_S))
         for job_id, func, seconds in jobs:
             self.scheduler.add_job(_guarded(job_id, func), "interval", seconds=seconds, id=job_id)
         self.scheduler.start()
         stack.callback(self.scheduler.shutdown)  # waits for a running job; the trainer stops at its next step
+
+    def _catch_up_new(self) -> None:
+        """Embed memories other processes added since the last pass (the start-up pass saw the rest)."""
+        newest = self.store.newest_memory_id()
+        self.memory.catch_up(after_id=self._caught_up_to)
+        self._caught_up_to = newest
 
     def train(self, trigger: dict) -> dict:
         """Control op: queue a retrain trigger and wake the trainer."""

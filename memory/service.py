@@ -129,10 +129,12 @@ class Memory:
             self.catch_up()
         logger.info("search switched model", extra={"model_id": embedder.model_id, "index_size": index.ntotal})
 
-    def catch_up(self, batch: int = 256, progress: Callable[[int], None] | None = None) -> int:
-        """Embed every memory that has no vector for the current model (after a crash)."""
+    def catch_up(self, batch: int = 256, progress: Callable[[int], None] | None = None,
+                 after_id: int = 0) -> int:
+        """Embed every memory (after `after_id`) that has no vector for the current model."""
         done = 0
-        while pairs := self.store.memories_without_vector(self.model_id, batch):
+        while pairs := self.store.memories_without_vector(self.model_id, batch, after_id):
+            after_id = pairs[-1][0]  # a memory that cannot be encoded is not retried in this pass
             done += self.embed_memories(pairs)
             if progress:
                 progress(done)

@@ -147,6 +147,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+MODEL_HISTORY = "models.history"  # marker: the ids made current, in order (rollback's "before")
+MAX_HISTORY = 100
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -470,11 +472,11 @@ class Store:
         matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found), dim)
         return np.array(found, dtype=np.int64), matrix
 
-    def memories_without_vector(self, model_id: str, limit: int = 256) -> list[tuple[int, str]]:
-        """(id, text) of memories not yet embedded with this model, oldest first."""
+    def memories_without_vector(self, model_id: str, limit: int = 256, after_id: int = 0) -> list[tuple[int, str]]:
+        """(id, text) of memories after `after_id` not yet embedded with this model, oldest first."""
         rows = self._query(
-            "SELECT id, text FROM memories m WHERE NOT EXISTS (SELECT 1 FROM vectors v"
-            " WHERE v.model_id = ? AND v.memory_id = m.id) ORDER BY id LIMIT ?", (model_id, limit))
+            "SELECT id, text FROM memories m WHERE id > ? AND NOT EXISTS (SELECT 1 FROM vectors v"
+            " WHERE v.model_id = ? AND v.memory_id = m.id) ORDER BY id LIMIT ?", (after_id, model_id, limit))
         return [(r[0], r[1]) for r in rows]
 
     # -- models ----------------------------------------------------------------------
@@ -552,6 +554,21 @@ class Store:
         with self.transaction() as conn:
             conn.execute("UPDATE models SET status = 'retired' WHERE status = 'current' AND id != ?", (model_id,))
             conn.execute("UPDATE models SET status = 'current' WHERE id = ?", (model_id,))
+            row = conn.execute("SELECT value FROM markers WHERE key = ?", (MODEL_HISTORY,)).fetchone()
+            history = (json.loads(row[0]) if row else []) + [model_id]
+            conn.execute("INSERT INTO markers (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+                         " SET value = excluded.value", (MODEL_HISTORY, json.dumps(history[-MAX_HISTORY:])))
+
+    def model_history(self) -> list[str]:
+        """Ids of the models made current, oldest first (the last is current)."""
+        row = self._query("SELECT value FROM markers WHERE key = ?", (MODEL_HISTORY,))
+        return json.loads(row[0][0]) if row else []
+
+    def history_version(self) -> tuple[int, int]:
+        """(newest event id, finished tasks): changes whenever new training history arrives."""
+        row = self._query("SELECT (SELECT coalesce(max(id), 0) FROM events),"
+                          " (SELECT count(*) FROM tasks WHERE finished IS NOT NULL)")[0]
+        return int(row[0]), int(row[1])
 
     def delete_vectors(self, model_id: str) -> int:
         """Drop every stored vector of one model (it was pruned); returns how many."""

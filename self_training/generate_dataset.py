@@ -398,3 +398,24 @@ def count_new_pairs(store: Store, settings: Settings, after_event_id: int) -> in
     since = store.event_time(after_event_id) if after_event_id else None
     pairs, _ = collect_pairs(store, settings, after_event_id, ESTIMATE_CHARS, since)
     return len(pairs)
+
+
+class NewPairCounter:
+    """`count_new_pairs` for the trigger rules, recomputed only when new history arrived.
+
+    The rules ask every check while a rule has fired but too few pairs are new; without
+    this each check would re-read every event since the last trigger.
+    """
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.settings = settings
+        self._key: tuple | None = None
+        self._count = 0
+
+    def __call__(self, after_event_id: int) -> int:
+        key = (after_event_id, self.store.history_version())
+        if key != self._key:
+            self._count = count_new_pairs(self.store, self.settings, after_event_id)
+            self._key = key
+        return self._count

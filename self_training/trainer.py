@@ -41,7 +41,14 @@ from memory.vector_store.embedder import (
 )
 from memory.vector_store.index import index_path
 from self_training.evaluate import evaluate_encoder, gate
-from self_training.feedback_loop import Trigger, claim_trigger, parse_trigger, requeue_trigger, trigger_path
+from self_training.feedback_loop import (
+    Trigger,
+    claim_trigger,
+    parse_trigger,
+    recover_claim,
+    requeue_trigger,
+    trigger_path,
+)
 from self_training.finetune import TrainingSpec, fine_tune
 from self_training.generate_dataset import build_dataset
 
@@ -153,19 +160,29 @@ def recover_interrupted_runs(settings, store: Store, now: datetime | None = None
 def _recover(settings, store: Store, now: datetime | None) -> list[str]:
     recovered = []
     for run in store.runs_in_states(ACTIVE + ("idle",)):
+        promoting = run["metrics"].get("promote", True)  # a `gremlin cycle` run is not re-queued
         reason = (f"interrupted during {run['state']}: the process stopped (crash, kill -9 or power "
-                  "loss) before the run ended; its trigger was queued again")
+                  "loss) before the run ended" + ("; its trigger was queued again" if promoting else ""))
         previous = run["metrics"].get("previous_model")
         if run["state"] in ("promoting", "reindexing") and previous:
-            write_json_atomically(current_model_file(settings.home), previous)
-            store.make_current(previous["id"])
-        if run["trigger"]:
+            _restore_previous(settings, store, previous)
+        if run["trigger"] and promoting:
             requeue_trigger(trigger_path(settings), _trigger_from_dict(run["trigger"]))
         claimed_path(settings, run["id"]).unlink(missing_ok=True)
+        if not run["model_id"]:
+            shutil.rmtree(models_dir(settings) / run["id"], ignore_errors=True)  # half-written weights
         store.update_run(run["id"], state="failed", reason=reason, finished=utc_now(now), now=now)
         logger.error("training run interrupted", extra={"run_id": run["id"], "state": run["state"]})
         recovered.append(run["id"])
+    for leftover in sorted(claimed_path(settings, "x").parent.glob("*.json")):
+        recover_claim(trigger_path(settings), leftover)  # claimed, then the process died before its run row
     return recovered
+
+
+def _restore_previous(settings, store: Store, previous: dict) -> None:
+    """Point back at the model that was current before a promotion that did not finish."""
+    write_json_atomically(current_model_file(settings.home), previous)
+    store.make_current(previous["id"])
 
 
 def model_pairs(pairs) -> list[tuple[str, str]]:
@@ -236,14 +253,20 @@ class Trainer:
         self.progress = {}
         started = time.monotonic()
         self.store.create_run(self.run_id, trigger.to_dict(), spec.to_dict(), now=now)
+        self._set_metrics(promote=promote)  # recovery re-queues only runs that were to promote
+        self._swapped = False
         logger.info("training run started", extra={"run_id": self.run_id, "trigger": trigger.trigger,
                                                    "note": trigger.note})
         try:
-            outcome = self._cycle(trigger, spec, promote)
-        except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the daemon goes on
-            outcome = self._failed(exc, trigger)
-        outcome = RunOutcome(**{**outcome.to_dict(), "seconds": round(time.monotonic() - started, 1)})
-        self._end(outcome, now)
+            try:
+                outcome = self._cycle(trigger, spec, promote)
+            except Exception as exc:  # noqa: BLE001 - a failed run is recorded, the daemon goes on
+                outcome = self._failed(exc, trigger)
+            outcome = RunOutcome(**{**outcome.to_dict(), "seconds": round(time.monotonic() - started, 1)})
+            self._end(outcome, now)
+        finally:  # whatever happened, the next trigger must find the machine idle
+            if self.state != "idle":
+                self.machine.set_state("idle")
         return outcome
 
     def _cycle(self, trigger: Trigger, spec: TrainingSpec, promote: bool) -> RunOutcome:
@@ -291,11 +314,17 @@ class Trainer:
         self.store.make_current(candidate.model_id)
         self.reindex()
         if self.memory is not None:
-            index = self.memory.build_index(candidate, progress=self._on_reindex)
-            self.memory.swap(candidate, index)
+            serving = Embedder(candidate.path, self.settings.model.device, self.settings.model.batch_size,
+                               self.settings.model.max_seq_length)
+            index = self.memory.build_index(serving, progress=self._on_reindex)
+            self.memory.swap(serving, index)
+            self._swapped = True
         else:  # a foreground run: the index is ready when the daemon next starts
             build_index(self.settings, self.store, candidate, progress=self._on_reindex)
-        prune_models(self.settings, self.store)
+        try:
+            prune_models(self.settings, self.store)
+        except OSError:
+            logger.exception("pruning old models failed; they stay on disk", extra={"run_id": self.run_id})
 
     def _failed(self, exc: Exception, trigger: Trigger) -> RunOutcome:
         interrupted = isinstance(exc, Interrupted)
@@ -307,14 +336,15 @@ class Trainer:
         if self.state in ACTIVE:
             self._restore_pointer()
             self.fail()
+        if not (self.store.get_run(self.run_id) or {}).get("model_id"):
+            shutil.rmtree(models_dir(self.settings) / self.run_id, ignore_errors=True)  # half-written weights
         return RunOutcome(self.run_id, "failed", f"{type(exc).__name__}: {exc}")
 
     def _restore_pointer(self) -> None:
         """A run that failed after switching the pointer switches it back."""
         previous = (self.store.get_run(self.run_id) or {}).get("metrics", {}).get("previous_model")
-        if self.state in ("promoting", "reindexing") and previous:
-            write_json_atomically(current_model_file(self.settings.home), previous)
-            self.store.make_current(previous["id"])
+        if self.state in ("promoting", "reindexing") and previous and not self._swapped:
+            _restore_previous(self.settings, self.store, previous)
 
     def _end(self, outcome: RunOutcome, now: datetime | None) -> None:
         self.store.update_run(self.run_id, state=outcome.outcome, reason=outcome.reason,
@@ -408,6 +438,8 @@ def _run_summary(run: dict) -> dict:
 
 def _drop_weights(out_dir: Path) -> None:
     """Delete a model's weights and tokenizer, keeping spec.json and lineage.json."""
+    if not out_dir.is_dir():
+        return  # removed by hand already
     for child in out_dir.iterdir():
         if child.name not in ("spec.json", "lineage.json"):
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -417,14 +449,14 @@ def prune_models(settings, store: Store) -> list[str]:
     """Keep the newest `keep_models` trained models besides the current one; drop the rest."""
     trained = [m for m in store.list_models() if Path(m["path"]).parent == models_dir(settings)]
     keep = settings.training.keep_models
-    candidates = [m for m in trained if m["status"] in ("accepted", "retired")]
     pruned = []
-    for model in candidates[keep:]:
-        _drop_weights(Path(model["path"]))
-        store.delete_vectors(model["id"])
-        index_path(settings.memory.index_dir, model["id"]).unlink(missing_ok=True)
-        store.set_model_status(model["id"], "pruned")
-        pruned.append(model["id"])
+    for status in ("retired", "accepted"):  # unpromoted cycle models never push out rollback targets
+        for model in [m for m in trained if m["status"] == status][keep:]:
+            _drop_weights(Path(model["path"]))
+            store.delete_vectors(model["id"])
+            index_path(settings.memory.index_dir, model["id"]).unlink(missing_ok=True)
+            store.set_model_status(model["id"], "pruned")
+            pruned.append(model["id"])
     if pruned:
         logger.info("old models pruned", extra={"models": pruned})
     return pruned
@@ -432,22 +464,36 @@ def prune_models(settings, store: Store) -> list[str]:
 
 def switch_model(settings, store: Store, model_id: str | None = None, memory=None,
                  progress: Callable[[int, int], None] | None = None) -> dict:
-    """Roll back (or forward) to a kept model: the previous current one when no id is given."""
-    target = _rollback_target(store, model_id)
+    """Roll back (or forward) to a kept model: the one used before the current one when no id is given.
+
+    Holds the trainer lock, so no run can promote over it meanwhile; the index is complete
+    before the pointer moves, so a failure leaves everything on the old model.
+    """
+    lock = TrainerLock(settings)
+    if not lock.acquire():
+        raise TrainerBusy("a training run is in progress on this home; wait for it to end "
+                          "(gremlin status) and try again")
+    try:
+        return _switch(settings, store, _rollback_target(store, model_id), memory, progress)
+    finally:
+        lock.release()
+
+
+def _switch(settings, store: Store, target: dict, memory, progress) -> dict:
     path = Path(target["path"])
     if not (path / "config.json").is_file():
         raise GremlinError(f"model {target['id']} has no weights at {path} (it was rejected or pruned); "
                            "pick one from `gremlin models list` whose status is retired or accepted")
     if model_fingerprint(path) != target["id"]:
         raise GremlinError(f"the files in {path} no longer match model {target['id']}; it cannot be used")
+    embedder = Embedder(path, settings.model.device, settings.model.batch_size, settings.model.max_seq_length)
+    index = memory.build_index(embedder, progress=progress) if memory is not None else \
+        build_index(settings, store, embedder, progress=progress)
     write_json_atomically(current_model_file(settings.home),
                           {"id": target["id"], "path": str(path), "time": utc_now()})
     store.make_current(target["id"])
-    embedder = Embedder(path, settings.model.device, settings.model.batch_size, settings.model.max_seq_length)
     if memory is not None:
-        memory.swap(embedder, memory.build_index(embedder, progress=progress))
-    else:
-        build_index(settings, store, embedder, progress=progress)
+        memory.swap(embedder, index)
     logger.info("model switched", extra={"model_id": target["id"]})
     return target
 
@@ -458,7 +504,12 @@ def _rollback_target(store: Store, model_id: str | None) -> dict:
         if target is None:
             raise GremlinError(f"no model '{model_id}' (or the prefix is ambiguous); see `gremlin models list`")
         return target
-    retired = [m for m in store.list_models() if m["status"] == "retired"]
+    models = {m["id"]: m for m in store.list_models()}
+    current = next((m["id"] for m in models.values() if m["status"] == "current"), None)
+    for used in reversed(store.model_history()):           # the most recently used one first
+        if used != current and models.get(used, {}).get("status") in ("retired", "accepted"):
+            return models[used]
+    retired = [m for m in models.values() if m["status"] == "retired"]
     if not retired:
         raise GremlinError("there is no earlier model to roll back to; see `gremlin models list`")
     return retired[0]

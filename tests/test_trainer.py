@@ -260,7 +260,8 @@ def test_pruning_keeps_the_newest_models_and_never_the_current_one(tmp_path):
     settings = load_settings(home)
     store = Store(settings.memory.db)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    for i, status in enumerate(["retired", "retired", "accepted", "current", "accepted", "rejected"]):
+    statuses = ["retired", "retired", "retired", "accepted", "current", "accepted", "accepted", "rejected"]
+    for i, status in enumerate(statuses):
         folder = models_dir(settings) / f"run-{i}"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
@@ -268,14 +269,15 @@ def test_pruning_keeps_the_newest_models_and_never_the_current_one(tmp_path):
         store.register_model(f"m{i}", str(folder), status, now=start + timedelta(hours=i))
         index_path(settings.memory.index_dir, f"m{i}").parent.mkdir(parents=True, exist_ok=True)
         index_path(settings.memory.index_dir, f"m{i}").write_bytes(b"x")
-    assert sorted(prune_models(settings, store)) == ["m0", "m1"]         # m4 and m2 are the newest kept
+    # the newest two retired (rollback targets) and the newest two accepted (unpromoted) stay
+    assert sorted(prune_models(settings, store)) == ["m0", "m3"]
     status = {m["id"]: m["status"] for m in store.list_models()}
-    assert status == {"m0": "pruned", "m1": "pruned", "m2": "accepted", "m3": "current", "m4": "accepted",
-                      "m5": "rejected"}
+    assert status == {"m0": "pruned", "m1": "retired", "m2": "retired", "m3": "pruned", "m4": "current",
+                      "m5": "accepted", "m6": "accepted", "m7": "rejected"}
     assert not (models_dir(settings) / "run-0" / "config.json").exists()
     assert (models_dir(settings) / "run-0" / "lineage.json").exists()    # the numbers stay
     assert not index_path(settings.memory.index_dir, "m0").exists()
-    assert (models_dir(settings) / "run-3" / "config.json").exists()
+    assert (models_dir(settings) / "run-4" / "config.json").exists()
     store.close()
 
 
@@ -294,4 +296,37 @@ def test_recovery_leaves_the_run_of_a_live_trainer_alone(tmp_path):
     finally:
         holder.release()
     assert recover_interrupted_runs(settings, store) == ["live-run"]   # its holder is gone now
+    store.close()
+
+
+def test_recovery_requeues_only_runs_meant_to_promote_and_returns_lost_claims(tmp_path):
+    from self_training.trainer import claimed_path
+
+    settings = load_settings(make_home(tmp_path))
+    store = Store(settings.memory.db)
+    store.create_run("cycle-run", manual_trigger("gremlin cycle --seed 1", force=True).to_dict(), {})
+    store.update_run("cycle-run", state="training", metrics={"promote": False})
+    lost = claimed_path(settings, "never-recorded")
+    lost.parent.mkdir(parents=True, exist_ok=True)
+    lost.write_text(json.dumps(manual_trigger("claimed, then the process died").to_dict()))
+    assert recover_interrupted_runs(settings, store) == ["cycle-run"]
+    assert "queued again" not in store.get_run("cycle-run")["reason"]
+    pending = json.loads(trigger_path(settings).read_text())
+    assert pending["note"] == "claimed, then the process died"          # the cycle's trigger is not there
+    assert not lost.exists()
+    store.close()
+
+
+def test_plain_rollback_goes_to_the_model_used_before_the_current_one(tmp_path):
+    from self_training.trainer import _rollback_target
+
+    settings = load_settings(make_home(tmp_path))
+    store = Store(settings.memory.db)
+    store.register_model("base", "/b", "current")
+    for model_id in ("A", "B"):
+        store.register_model(model_id, f"/{model_id}", "accepted")
+    for model_id in ("A", "B", "base", "A"):      # promote A, B; roll back to base, then to A
+        store.make_current(model_id)
+    assert _rollback_target(store, None)["id"] == "base"
+    assert _rollback_target(store, "B")["id"] == "B"
     store.close()
