@@ -9,6 +9,7 @@ from agent_core.daemon import RECENT_EVENTS, running_pid
 from memory.service import Memory
 from memory.errors import StoreError
 from memory.store import Store
+from self_training.trainer import last_run
 from memory.vector_store.embedder import Embedder, model_fingerprint, resolve_current_model
 
 logger = logging.getLogger(__name__)
@@ -37,17 +38,10 @@ def collect_status(settings) -> dict:
             info.update(counts=store.counts(), index_size=store.vector_count(model_id),
                         recent_events=store.recent_events(RECENT_EVENTS),
                         failures=store.failure_counts(RECENT_EVENTS),
-                        training={"state": "not running", "last_run": _last_run(store)})
+                        training={"state": "not running", "last_run": last_run(store)})
         finally:
             store.close()
     return info
-
-
-def _last_run(store: Store) -> dict | None:
-    runs = store.recent_runs(1)
-    if not runs:
-        return None
-    return {k: runs[0].get(k) for k in ("id", "state", "started", "finished", "reason", "model_id")}
 
 
 def search_memory(settings, query: str, k: int = 5, kind: str | None = None, mode: str = "hybrid") -> list[dict]:

@@ -426,14 +426,15 @@ class Trainer:
 
     def describe(self) -> dict:
         """State and progress for `gremlin status`."""
-        last = self.store.recent_runs(1)
         return {"state": self.state, "run_id": self.run_id if self.state != "idle" else None,
                 "progress": self.progress if self.state != "idle" else {},
-                "last_run": _run_summary(last[0]) if last else None}
+                "last_run": last_run(self.store)}
 
 
-def _run_summary(run: dict) -> dict:
-    return {k: run.get(k) for k in ("id", "state", "started", "finished", "reason", "model_id")}
+def last_run(store: Store) -> dict | None:
+    """The newest run, summarised for `gremlin status`."""
+    runs = store.recent_runs(1)
+    return {k: runs[0].get(k) for k in ("id", "state", "started", "finished", "reason", "model_id")} if runs else None
 
 
 def _drop_weights(out_dir: Path) -> None:
