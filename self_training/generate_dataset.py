@@ -41,6 +41,7 @@ from config.settings import Settings, TrainingSettings
 from memory.atomic import write_bytes_atomically, write_json_atomically
 from memory.store import Store, utc_now
 from self_mutation_watcher.redact import Redactor
+from self_training.feedback_loop import classify_task
 from self_training.git_history import clean_message, strip_issue_refs
 
 logger = logging.getLogger(__name__)
@@ -205,14 +206,8 @@ def _under(file: str, root: str) -> bool:
 
 def is_bad_task(task: TaskRecord, reward_threshold: float) -> bool:
     """A task that failed, exited non-zero (shell) or scored below the reward threshold."""
-    result = task.result or {}
-    reward, code = result.get("reward"), result.get("exit_code")
-    low = _is_number(reward) and reward < reward_threshold
-    return task.state == "failed" or low or (task.type == "shell" and _is_number(code) and code != 0)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    feedback = classify_task({"type": task.type, "state": task.state, "result": task.result}, reward_threshold)
+    return bool(feedback) or (task.type == "self_train" and task.state == "failed")
 
 
 def task_text(task: TaskRecord, failed: bool) -> str:
