@@ -204,6 +204,10 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    if not rows:
+        console.print("no models recorded yet: the daemon records the base model when it starts, and "
+                      "`gremlin train --now --wait` trains one")
+        return
     table = Table()
     for column in ("id", "status", "created", "source", "pairs", "MRR@10 before → after"):
         table.add_column(column, overflow="fold")
