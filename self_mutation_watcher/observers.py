@@ -221,7 +221,12 @@ class ObserverSet:
                     self._degrade(root, degraded[str(root)])
                 else:
                     self._schedule_root(root)
-            self._inotify.start()
+            try:
+                self._inotify.start()
+            except OSError:  # a planned folder vanished while its watch was added: undo, let the caller retry
+                for emitter in list(self._inotify.emitters):
+                    emitter.stop()
+                raise
             if self._polling and not self._polling.is_alive():
                 self._polling.start()
 

@@ -37,6 +37,7 @@ audit = logging.getLogger("gremlin.audit")
 BATCH_PATHS = 64  # small batches: encoding of one overlaps diffing of the next
 RETRY_MAX_S = 30.0
 RETRY_LIMIT = 5  # a file still changing after this many checks is recorded as it is
+RESTART_RETRY_S = 1.0  # a failed observer restart (the tree changed under it) is tried again after this
 # Gremlin's own log files: watching them would make every event log a new event.
 OWN_LOG_PREFIXES = ("gremlin.log", "bootstrap.log")
 _CHANGE_TYPES = (EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_DELETED, EVENT_TYPE_MOVED,
@@ -309,6 +310,7 @@ class Watcher:
 
     def _run(self) -> None:
         stopping = False
+        self._restart_after = 0.0
         self._next_reconcile = time.monotonic() + self.reconcile_s if self.reconcile_s else float("inf")
         while not (stopping and not self._pending):
             stopping = self._absorb(self._next_timeout()) or stopping
@@ -326,8 +328,13 @@ class Watcher:
         """Restart dead observers, run the scheduled reconcile and prune shadow copies."""
         if stopping:
             return
-        if not self.observers.healthy():
-            self.observers.restart()
+        if not self.observers.healthy() and now >= self._restart_after:
+            try:
+                self.observers.restart()
+            except OSError as exc:  # the tree changed under the restart; plan and try again shortly
+                self._restart_after = now + RESTART_RETRY_S
+                logger.error("restarting the observers failed; trying again", extra={"error": str(exc)})
+                return
             self.request_reconcile()
         if now >= self._next_reconcile:
             self._next_reconcile = now + self.reconcile_s

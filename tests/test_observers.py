@@ -129,3 +129,32 @@ def test_running_out_of_inotify_watches_falls_back_to_polling(home: Path, watche
     assert "inotify watch limit reached" in out["degraded"][str(watched)]
     assert out["events"] == ["created"]
     assert "cannot watch with inotify, polling instead" in proc.stderr
+
+
+def test_a_folder_vanishing_during_an_observer_restart_is_retried(settings, store, watched: Path, monkeypatch):
+    import self_mutation_watcher.observers as observers
+
+    make_tree(watched)
+    watcher = Watcher(settings, store, [].extend)
+    watcher.start()
+    real_plan, vanished = observers.plan_watches, []
+
+    def plan_then_lose_a_folder(root, accepts):
+        plan = real_plan(root, accepts)
+        if not vanished and (watched / "web" / "app").exists():
+            shutil.rmtree(watched / "web" / "app")   # gone after planning, before its watch is added
+            vanished.append(True)
+        return plan
+
+    try:
+        assert watcher.wait_idle(20)
+        monkeypatch.setattr(observers, "plan_watches", plan_then_lose_a_folder)
+        watcher.observers._inotify.stop()
+        (watched / "during_outage.py").write_text("x = 1\n")
+        wait_for(lambda: watcher.observers.restarts >= 2 and watcher.observers.healthy(), 15,
+                 what="a failed restart, then a good one")
+        assert watcher._worker.is_alive()                 # the watcher's own thread survived
+        wait_for(lambda: store.events_for_path(str(watched / "during_outage.py")), 10,
+                 what="the change made during the outage")
+    finally:
+        watcher.stop()
