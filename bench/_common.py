@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ from rich.table import Table  # noqa: E402
 
 from agent_core.control import DaemonUnavailable, request  # noqa: E402
 from config.errors import GremlinError  # noqa: E402
-from config.settings import init_home, load_settings  # noqa: E402
+from config.settings import init_home, load_settings, toml_value  # noqa: E402
 
 logger = logging.getLogger(__name__)
 # Wide enough for the result tables when stdout is a pipe or a file (Rich would use 80).
@@ -43,17 +42,6 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("gremlin.audit").setLevel(logging.WARNING)  # one line per stored change
-
-
-def toml_value(value: object) -> str:
-    """A Python value as TOML (the few types the config uses)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def make_home(base: Path, watched: Path, sections: dict[str, dict] | None = None) -> Path:

@@ -7,6 +7,7 @@ here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `XDG_DATA_HOME`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -210,6 +211,17 @@ class Settings:
         extra = (Path(p).expanduser().resolve() for p in paths)
         roots = tuple(dict.fromkeys((*self.watch.roots, *extra)))
         return dataclasses.replace(self, watch=dataclasses.replace(self.watch, roots=roots))
+
+
+def toml_value(value: object) -> str:
+    """A Python value as TOML (the few types the config uses), for writing configs."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
 
 
 def own_source_roots() -> list[Path]:

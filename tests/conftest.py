@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,24 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import init_home, load_settings
+from config.settings import init_home, load_settings, toml_value
 from memory.store import Store
 from memory.vector_store.embedder import Embedder, resolve_model_path
 from self_mutation_watcher.watcher import Watcher
 
 REPO = Path(__file__).resolve().parent.parent
 GREMLIN = [sys.executable, "-m", "agent_core.cli"]
-
-
-def toml_value(value) -> str:
-    """A Python value as TOML (the few types the config uses)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def write_config(home: Path, **sections: dict) -> Path:
