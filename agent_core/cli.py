@@ -378,8 +378,10 @@ def replay(ctx: click.Context, path: Path, since: str | None, merges: bool) -> N
                                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     finally:
         store.close()
+    unreadable = (f", {result.unreadable} unreadable (malformed, missing or a shallow clone's boundary; "
+                  "see the warnings)") if result.unreadable else ""
     console.print(f"replayed {result.repo}: {result.commits_seen} commits seen, {result.commits_stored} stored, "
-                  f"{result.skipped} skipped (already stored or without a diff)"
+                  f"{result.skipped} skipped (already stored or without a diff){unreadable}"
                   + ("; the daemon embeds them when it next runs" if result.commits_stored else ""),
                   highlight=False, soft_wrap=True)
 

@@ -28,7 +28,7 @@ from memory.vector_store.embedder import Embedder
 from self_mutation_watcher.watcher import Watcher
 from self_training.feedback_loop import FeedbackLoop, parse_trigger, trigger_path, write_trigger_atomically
 from self_training.generate_dataset import NewPairCounter
-from self_training.replay import sync_watched_repositories
+from self_training.replay import GitSync
 from self_training.trainer import Trainer, recover_interrupted_runs, switch_model
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class Daemon:
             "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
         jobs = (("trainer.poll", self.trainer.poll, cfg.poll_interval_s),
                 ("feedback.check", feedback.check, cfg.check_interval_s),
-                ("git.sync", lambda: sync_watched_repositories(store, self.settings), cfg.check_interval_s),
+                ("git.sync", GitSync(store, self.settings).run, cfg.check_interval_s),
                 ("memory.catch_up", self._catch_up_new, CATCH_UP_INTERVAL_S))
         for job_id, func, seconds in jobs:
             self.scheduler.add_job(_guarded(job_id, func), "interval", seconds=seconds, id=job_id)

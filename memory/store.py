@@ -145,6 +145,15 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # 3: a commit is stored once per repository, even when two replays run at once. Copies
+    # that concurrent replays stored before this version are dropped (the oldest one stays).
+    """
+    DELETE FROM memories WHERE event_id IN (SELECT id FROM events WHERE kind = 'commit' AND id NOT IN
+        (SELECT min(id) FROM events WHERE kind = 'commit' GROUP BY path, json_extract(meta, '$.commit')));
+    DELETE FROM events WHERE kind = 'commit' AND id NOT IN
+        (SELECT min(id) FROM events WHERE kind = 'commit' GROUP BY path, json_extract(meta, '$.commit'));
+    CREATE UNIQUE INDEX events_commit ON events(path, json_extract(meta, '$.commit')) WHERE kind = 'commit';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 MODEL_HISTORY = "models.history"  # marker: the ids made current, in order (rollback's "before")
@@ -281,7 +290,8 @@ class Store:
         """Commit events, their memories and the files' new states in one transaction.
 
         A failure whose signature was recorded less than `repeat_window_s` ago is not stored
-        again: its count and last-seen time go up instead (the file state still advances).
+        again: its count and last-seen time go up instead (the file state still advances). A
+        commit already stored for its repository is left out of the result.
         """
         stored = []
         with self.transaction() as conn:
@@ -291,12 +301,14 @@ class Store:
                     _write_file_state(conn, ev.old_path, None, ev.time)
                 if ev.signature and _count_repeat(conn, ev, repeat_window_s):
                     continue
-                event_id = conn.execute(
+                cursor = conn.execute(
                     "INSERT INTO events (time, kind, path, root, old_sha, new_sha, size, diff, meta, old_path)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (ev.time, ev.kind, ev.path, ev.root, ev.old_sha, ev.new_sha, ev.size,
-                     ev.diff, json.dumps(ev.meta), ev.old_path),
-                ).lastrowid
+                     ev.diff, json.dumps(ev.meta), ev.old_path))
+                if not cursor.rowcount:  # the same commit of the same repository, stored before
+                    continue
+                event_id = cursor.lastrowid
                 memory_id = None
                 if ev.memory_kind:
                     memory_id = _insert_memory(conn, ev.memory_kind, ev.memory_text or "",

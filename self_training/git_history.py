@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,8 +23,7 @@ logger = logging.getLogger(__name__)
 GIT_TIMEOUT_S = 60  # one diff of one commit
 LOG_TIMEOUT_S = 300  # the whole log of a large repository
 DEFAULT_MAX_DIFF_BYTES = 262_144
-FIELD, RECORD = "\x1f", "\x1e"
-LOG_FORMAT = "%H%x1f%P%x1f%cI%x1f%an%x1f%B%x1e"
+CAT_FILE_CHUNK = 2000  # commit objects read per `git cat-file --batch` run
 # Settings a user's git config could change in the output we parse.
 GIT_CONFIG = ("-c", "core.quotePath=false", "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false",
               "-c", "color.ui=never", "-c", "log.showSignature=false", "-c", "i18n.logOutputEncoding=UTF-8")
@@ -44,9 +43,13 @@ class BadDateError(GitHistoryError):
     """A --since date is not an ISO-8601 date."""
 
 
+class BadCommit(GitHistoryError):
+    """One commit cannot be turned into a change (the rest of the history can)."""
+
+
 @dataclass(frozen=True)
 class LogEntry:
-    """One commit as `git log` lists it, before its diff is read."""
+    """One commit as its raw object says, before its diff is read."""
 
     sha: str
     parents: tuple[str, ...]
@@ -74,11 +77,12 @@ class Commit:
     merge: bool = False
 
 
-def git(repo: Path, *args: str, timeout: float = GIT_TIMEOUT_S) -> bytes:
+def git(repo: Path, *args: str, timeout: float = GIT_TIMEOUT_S, stdin: bytes | None = None) -> bytes:
     """stdout of `git -C repo args...`; GitHistoryError naming the repo and git's message."""
     cmd = ["git", *GIT_CONFIG, "-C", str(repo), *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False,
+                              **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
     except FileNotFoundError as exc:
         raise GitHistoryError("git is not installed; install it (e.g. `apt-get install git`)") from exc
     except subprocess.TimeoutExpired as exc:
@@ -122,8 +126,9 @@ def head_sha(repo: Path) -> str | None:
 
 
 def commit_time(repo: Path, sha: str) -> str:
-    """The committer time of one commit, ISO-8601 UTC."""
-    return iso_utc(git(repo, "log", "-1", "--format=%cI", sha, "--").decode().strip())
+    """The committer time of one commit, ISO-8601 UTC (the author time if that one is impossible)."""
+    entry = next(iter(read_log(repo, [sha]).entries), None)
+    return entry.time if entry else utc_iso(datetime.now(timezone.utc))
 
 
 def is_ancestor(repo: Path, older: str, newer: str) -> bool:
@@ -148,31 +153,150 @@ def parse_since(text: str) -> str:
     return value.astimezone(timezone.utc).isoformat(timespec="seconds")
 
 
-def iso_utc(git_time: str) -> str:
-    """A git ISO-8601 time (any offset) as UTC with milliseconds, like every Gremlin time."""
-    return datetime.fromisoformat(git_time).astimezone(timezone.utc).isoformat(timespec="milliseconds")
+def utc_iso(moment: datetime) -> str:
+    """A time as UTC with milliseconds, like every Gremlin time."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class SkippedCommit:
+    """A commit that cannot become a change, and why."""
+
+    sha: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class GitLog:
+    """The commits of a range, oldest first, and those skipped (already logged as warnings)."""
+
+    entries: list[LogEntry]
+    skipped: list[SkippedCommit]
 
 
 def log_entries(repo: Path, since: str | None = None, until_sha: str | None = None,
                 after_sha: str | None = None, merges: bool = False) -> list[LogEntry]:
     """Commits of the first-parent line, oldest first: up to `until_sha` (default HEAD),
-    after `after_sha`, committed on or after `since`; merges only when `merges`."""
+    after `after_sha`, committed on or after `since`; merges only when `merges`.
+    Commits that cannot be read are left out with a warning (see `read_log`)."""
+    return read_log(repo, range_shas(repo, since, until_sha, after_sha, merges)).entries
+
+
+def range_shas(repo: Path, since: str | None = None, until_sha: str | None = None,
+               after_sha: str | None = None, merges: bool = False) -> list[str]:
+    """The shas of the first-parent line, oldest first (see `log_entries`)."""
     tip = until_sha or head_sha(repo)
     if tip is None:
         return []  # no commits yet
-    args = ["log", "--first-parent", "--reverse", f"--format={LOG_FORMAT}", "--no-color"]
+    args = ["rev-list", "--first-parent", "--reverse"]
     if not merges:
         args.append("--no-merges")
     if since:
         args.append(f"--since={parse_since(since)}")
     args += [f"{after_sha}..{tip}" if after_sha else tip, "--"]
-    out = git(repo, *args, timeout=LOG_TIMEOUT_S).decode("utf-8", "replace")
-    return [_entry(record) for record in out.split(RECORD) if record.strip()]
+    return git(repo, *args, timeout=LOG_TIMEOUT_S).decode("ascii", "replace").split()
 
 
-def _entry(record: str) -> LogEntry:
-    sha, parents, time, author, message = record.lstrip("\n").split(FIELD, 4)
-    return LogEntry(sha, tuple(parents.split()), iso_utc(time), author, message.strip())
+def read_log(repo: Path, shas: Sequence[str]) -> GitLog:
+    """Each commit of `shas` parsed from its raw object (`git cat-file --batch`).
+
+    Raw objects are length-prefixed, so no byte of a message (the \\x1e or \\x1f that
+    `git log` formats use as separators, NUL) can break the parsing. Times come from the
+    Unix timestamps, so a malformed timezone (`+51800`, which `git fsck` calls
+    badTimezone) cannot break them. A shallow clone's boundary commits, whose parents
+    are missing, and commits whose object or dates cannot be read are skipped, each with
+    a warning.
+    """
+    shallow = shallow_boundaries(repo)
+    entries: list[LogEntry] = []
+    skipped: list[SkippedCommit] = []
+    for start in range(0, len(shas), CAT_FILE_CHUNK):
+        for sha, raw in _cat_commits(repo, shas[start:start + CAT_FILE_CHUNK]):
+            try:
+                if sha in shallow:
+                    raise BadCommit("the boundary of a shallow clone (its parent is not in this clone, "
+                                    "so its diff would add every file); run `git fetch --unshallow` to include it")
+                entries.append(parse_commit(sha, raw))
+            except BadCommit as exc:
+                logger.warning("skipping a commit", extra={"repo": str(repo), "commit": sha, "reason": str(exc)})
+                skipped.append(SkippedCommit(sha, str(exc)))
+    return GitLog(entries, skipped)
+
+
+def shallow_boundaries(repo: Path) -> frozenset[str]:
+    """The commits a shallow clone was cut at (their parents are not in the clone)."""
+    path = Path(git(repo, "rev-parse", "--git-path", "shallow").decode("utf-8", "surrogateescape").strip())
+    path = path if path.is_absolute() else Path(repo) / path
+    try:
+        return frozenset(path.read_text(encoding="ascii", errors="replace").split())
+    except FileNotFoundError:
+        return frozenset()
+
+
+def _cat_commits(repo: Path, shas: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
+    """(sha, raw commit object or None when missing) for each sha, in order."""
+    out = git(repo, "cat-file", "--batch", stdin="".join(f"{s}\n" for s in shas).encode(), timeout=LOG_TIMEOUT_S)
+    pos = 0
+    for sha in shas:
+        end = out.index(b"\n", pos)
+        header = out[pos:end].split()
+        if len(header) != 3 or header[1] != b"commit":
+            pos = end + 1
+            yield sha, None
+            continue
+        size = int(header[2])
+        yield sha, out[end + 1:end + 1 + size]
+        pos = end + 1 + size + 1  # the object is followed by a newline
+
+
+_IDENT = re.compile(rb"^(?P<name>.*?) *<[^>]*> *(?P<ts>-?\d+)?")
+
+
+def parse_commit(sha: str, raw: bytes | None) -> LogEntry:
+    """A LogEntry from a raw commit object; BadCommit when it is missing or has no usable date."""
+    if raw is None:
+        raise BadCommit("the commit object is missing from the repository")
+    head, _, body = raw.partition(b"\n\n")
+    fields: dict[bytes, list[bytes]] = {}
+    for line in head.split(b"\n"):
+        if line[:1] != b" ":  # continuation lines belong to a multi-line header (gpgsig)
+            key, _, value = line.partition(b" ")
+            fields.setdefault(key, []).append(value)
+    author, author_time = _ident(fields.get(b"author", [b""])[0])
+    _, committer_time = _ident(fields.get(b"committer", [b""])[0])
+    moment = committer_time or author_time
+    if moment is None:
+        raise BadCommit("neither its committer nor its author date is a possible date")
+    encoding = fields.get(b"encoding", [b"utf-8"])[0].decode("ascii", "replace")
+    parents = tuple(p.decode("ascii", "replace") for p in fields.get(b"parent", []))
+    return LogEntry(sha, parents, utc_iso(moment), _decode(author, encoding), _printable(_decode(body, encoding)))
+
+
+def _ident(value: bytes) -> tuple[bytes, datetime | None]:
+    """(name, time) of an author or committer header; time None when absent or impossible."""
+    match = _IDENT.match(value)
+    if not match:
+        return value, None
+    try:
+        return match["name"], datetime.fromtimestamp(int(match["ts"]), timezone.utc) if match["ts"] else None
+    except (ValueError, OverflowError, OSError):  # beyond what a datetime holds
+        return match["name"], None
+
+
+def _decode(data: bytes, encoding: str) -> str:
+    """Text in the commit's declared encoding (UTF-8 when unknown), bad bytes replaced."""
+    try:
+        return data.decode(encoding, "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _printable(message: str) -> str:
+    """A message without control characters other than tab and newlines, stripped."""
+    return _CONTROL.sub(" ", message).strip()
 
 
 def commit_diff(repo: Path, entry: LogEntry, max_diff_bytes: int = DEFAULT_MAX_DIFF_BYTES

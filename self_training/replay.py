@@ -6,7 +6,7 @@ redacted diff, cut to `[watch] max_diff_bytes`, its sha in the event's meta) and
 per repository: replaying again stores nothing new. Nothing here loads the model; the
 daemon embeds memories without vectors when it catches up.
 
-`sync_watched_repositories` follows watched roots that are the top of a git work tree: the
+`GitSync` follows watched roots that are the top of a git work tree: the
 first sync only remembers HEAD (backfilling is `gremlin replay`'s job); later syncs store
 the commits that arrived since.
 """
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from config.settings import Settings
 from memory.store import NewEvent, Store
 from self_mutation_watcher.redact import Redactor
-from self_training.git_history import (Commit, GitHistoryError, LogEntry, clean_message, commit_time, head_sha,
-                                       is_ancestor, is_git_repo, load_commit, log_entries, repository_root,
-                                       summary_line)
+from self_training.git_history import (Commit, GitHistoryError, GitLog, clean_message, commit_time, head_sha,
+                                       is_ancestor, is_git_repo, load_commit, range_shas, read_log,
+                                       repository_root, summary_line)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class ReplayResult:
     repo: str
     commits_seen: int
     commits_stored: int
-    skipped: int  # already stored, or a commit without any diff
+    skipped: int  # already stored (by this or another process), or a commit without any diff
+    unreadable: int = 0  # malformed or missing commits, shallow boundaries: skipped with a warning
 
 
 def commit_event(commit: Commit, repo: Path, redactor: Redactor, memory_chars: int) -> NewEvent | None:
@@ -79,45 +80,86 @@ def replay_repository(store: Store, settings: Settings, repo: Path, since: str |
                       progress: Progress | None = None, merges: bool = True) -> ReplayResult:
     """Store every commit of `repo`'s first-parent history (from `since`) not stored yet."""
     root = repository_root(repo)
-    entries = log_entries(root, since, merges=merges)
-    logger.info("replaying git history", extra={"repo": str(root), "commits": len(entries), "since": since})
-    return store_entries(store, settings, root, entries, progress)
+    history = read_log(root, range_shas(root, since, merges=merges))
+    logger.info("replaying git history", extra={"repo": str(root), "commits": len(history.entries),
+                                                "unreadable": len(history.skipped), "since": since})
+    return store_entries(store, settings, root, history, progress)
 
 
-def store_entries(store: Store, settings: Settings, root: Path, entries: Sequence[LogEntry],
+def store_entries(store: Store, settings: Settings, root: Path, history: GitLog,
                   progress: Progress | None = None) -> ReplayResult:
-    """Read the diff of each entry not stored yet and record them in batches."""
+    """Read the diff of each commit not stored yet and record them in batches.
+
+    Safe to run in several processes at once: the database stores a commit once per
+    repository, so a commit another replay stored first is counted as skipped.
+    """
     known = store.commit_shas(str(root))
     redactor = Redactor.build(settings.watch.redact, settings.watch.redact_patterns)
-    batch: list[NewEvent] = []
+    entries, batch = history.entries, []
     stored = skipped = 0
+    unreadable = len(history.skipped)
     for done, entry in enumerate(entries, start=1):
-        event = None if entry.sha in known else commit_event(
-            load_commit(root, entry, settings.watch.max_diff_bytes), root, redactor, settings.memory.memory_chars)
-        if event is None:
+        if entry.sha in known:
             skipped += 1
         else:
-            batch.append(event)
-            known.add(entry.sha)
+            try:
+                event = commit_event(load_commit(root, entry, settings.watch.max_diff_bytes), root, redactor,
+                                     settings.memory.memory_chars)
+            except GitHistoryError as exc:  # one unreadable commit never stops the rest
+                logger.warning("skipping a commit whose diff cannot be read",
+                               extra={"repo": str(root), "commit": entry.sha, "error": str(exc)})
+                unreadable += 1
+                event = None
+            else:
+                skipped += event is None
+            if event is not None:
+                batch.append(event)
+                known.add(entry.sha)
         if len(batch) >= BATCH or (done == len(entries) and batch):
-            stored += len(store.record_events(batch))
-            batch = []
+            written = len(store.record_events(batch))  # a commit another process stored first is left out
+            stored, skipped, batch = stored + written, skipped + len(batch) - written, []
         if progress is not None:
             progress(done, len(entries))
-    return ReplayResult(str(root), len(entries), stored, skipped)
+    return ReplayResult(str(root), len(entries) + len(history.skipped), stored, skipped, unreadable)
 
 
-def sync_watched_repositories(store: Store, settings: Settings, merges: bool = True) -> int:
-    """Store new commits of every watched root that is a git repository; return how many."""
-    stored = 0
-    for root in settings.watch_roots:
-        if not Path(root).is_dir() or not is_git_repo(root):
-            continue
+class GitSync:
+    """Follows the watched roots that are git repositories (the daemon's `git.sync` job).
+
+    Each repository is synced on its own: one that fails (a corrupt object, a timeout,
+    anything) is logged once, with the repository and the error, and retried at the next
+    run, while the others go on syncing.
+    """
+
+    def __init__(self, store: Store, settings: Settings, merges: bool = True):
+        self.store = store
+        self.settings = settings
+        self.merges = merges
+        self.failing: dict[str, str] = {}  # repository -> the error it fails with
+
+    def run(self) -> int:
+        """Store new commits of every watched git repository; return how many."""
+        stored = 0
+        for root in self.settings.watch_roots:
+            stored += self._sync_one(Path(root))
+        return stored
+
+    def _sync_one(self, root: Path) -> int:
         try:
-            stored += sync_repository(store, settings, Path(root).resolve(), merges).commits_stored
-        except GitHistoryError as exc:  # one broken repository must not stop the others
-            logger.warning("cannot sync git history, will try again", extra={"repo": str(root), "error": str(exc)})
-    return stored
+            if not root.is_dir() or not is_git_repo(root):
+                return 0
+            result = sync_repository(self.store, self.settings, root.resolve(), self.merges)
+        except Exception as exc:  # noqa: BLE001 - one broken repository must not stop the others
+            error = f"{type(exc).__name__}: {exc}"
+            if self.failing.get(str(root)) != error:  # once per distinct error, not every 30 s
+                logger.error("cannot sync git history; trying again at each run",
+                             exc_info=not isinstance(exc, GitHistoryError),
+                             extra={"repo": str(root), "error": error})
+            self.failing[str(root)] = error
+            return 0
+        if self.failing.pop(str(root), None):
+            logger.info("git history syncs again", extra={"repo": str(root)})
+        return result.commits_stored
 
 
 def sync_repository(store: Store, settings: Settings, repo: Path, merges: bool = True) -> ReplayResult:
@@ -130,10 +172,10 @@ def sync_repository(store: Store, settings: Settings, repo: Path, merges: bool =
     result = ReplayResult(str(repo), 0, 0, 0)
     if cursor is not None:
         if is_ancestor(repo, cursor["sha"], head):
-            entries = log_entries(repo, after_sha=cursor["sha"], until_sha=head, merges=merges)
+            shas = range_shas(repo, after_sha=cursor["sha"], until_sha=head, merges=merges)
         else:  # history rewritten or another branch checked out: what is newer than the cursor
-            entries = log_entries(repo, since=cursor["time"], until_sha=head, merges=merges)
-        result = store_entries(store, settings, repo, entries)
+            shas = range_shas(repo, since=cursor["time"], until_sha=head, merges=merges)
+        result = store_entries(store, settings, repo, read_log(repo, shas))
         if result.commits_stored:
             logger.info("stored new commits", extra={"repo": str(repo), "commits": result.commits_stored})
     store.set_marker(key, json.dumps({"sha": head, "time": commit_time(repo, head)}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from agent_core.cli import main
-from memory.store import Store
+from config.settings import load_settings
+from memory.store import MIGRATIONS, NewEvent, Store, _split_sql
+from conftest import GREMLIN, REPO, make_home
 from self_training.git_history import (BadDateError, NotAGitRepository, clean_message, head_sha, is_git_repo,
                                        iter_commits, log_entries, repository_root, truncate_diff)
-from self_training.replay import SYNC_MARKER, replay_repository, sync_watched_repositories
+from self_training.replay import SYNC_MARKER, GitSync, replay_repository
 
 # No user or system git config: identity and dates come from here.
 GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "Ada Lovelace",
@@ -52,6 +55,21 @@ class Repo:
         self.git("add", "-A")
         self.git("commit", "-q", "--allow-empty", "-m", message, date=date)
         return self.git("rev-parse", "HEAD")
+
+    def raw_commit(self, message: bytes, files: dict[str, str], stamp: bytes = b"1700000000 +0000",
+                   author_stamp: bytes | None = None) -> str:
+        """Commit `files` as a hand-written commit object (dates and bytes git itself would refuse)."""
+        for name, text in files.items():
+            (self.path / name).write_text(text)
+        self.git("add", "-A")
+        tree, parent = self.git("write-tree"), self.git("rev-parse", "HEAD")
+        raw = (f"tree {tree}\nparent {parent}\n".encode() + b"author Eve <eve@example.com> "
+               + (author_stamp or stamp) + b"\ncommitter Eve <eve@example.com> " + stamp + b"\n\n" + message)
+        sha = subprocess.run(["git", "-C", str(self.path), "hash-object", "-t", "commit", "-w", "--literally",
+                              "--stdin"], input=raw, capture_output=True, check=True, timeout=30).stdout.decode().strip()
+        self.git("update-ref", "HEAD", sha)
+        self.git("reset", "-q", "--hard")
+        return sha
 
 
 @pytest.fixture
@@ -167,15 +185,16 @@ def test_replay_since_stores_only_newer_commits(store: Store, settings, repo: Re
 def test_sync_remembers_head_first_then_stores_new_commits(tmp_path: Path, store: Store, settings, watched: Path):
     repo = Repo(watched)  # the watched root is a git work tree
     repo.commit("Start the project with a readme", {"README.md": "hello\n"})
-    assert sync_watched_repositories(store, settings) == 0  # first sync: HEAD only, no backfill
+    sync = GitSync(store, settings)
+    assert sync.run() == 0  # first sync: HEAD only, no backfill
     assert json.loads(store.get_marker(SYNC_MARKER + str(watched)))["sha"] == head_sha(watched)
-    assert sync_watched_repositories(store, settings) == 0
+    assert sync.run() == 0
     repo.commit("Document how to install it", {"README.md": "hello\npip install it\n"})
     repo.commit("Add a changelog for releases", {"CHANGES.md": "1.0\n"})
-    assert sync_watched_repositories(store, settings) == 2
-    assert sync_watched_repositories(store, settings) == 0
+    assert sync.run() == 2
+    assert sync.run() == 0
     repo.git("commit", "-q", "--amend", "-m", "Add a changelog for the 1.0 release", date="2024-03-10T12:00:00Z")
-    assert sync_watched_repositories(store, settings) == 1  # rewritten history: newer than the cursor
+    assert sync.run() == 1  # rewritten history: newer than the cursor
     messages = [e["meta"]["message"] for e in store.events_for_path(str(watched))]
     assert messages == ["Document how to install it", "Add a changelog for releases",
                         "Add a changelog for the 1.0 release"]
@@ -194,3 +213,118 @@ def test_cli_replay(home: Path, repo: Repo, tmp_path: Path):
     bad_date = runner.invoke(main, ["--home", str(home), "replay", str(repo.path), "--since", "soon"])
     assert bad_date.exit_code == 1 and "--since 'soon' is not a date" in bad_date.output
     assert "first-parent history" in runner.invoke(main, ["replay", "--help"]).output
+
+
+def test_malformed_dates_and_separator_bytes_do_not_stop_a_replay(store: Store, settings, repo: Repo):
+    bad_zone = repo.raw_commit(b"Parse the tz table\n", {"tz.py": "ZONES = 1\n"}, b"1700000000 +51800")
+    separators = repo.raw_commit(b"Fields \x1e and \x1f in a message\n", {"sep.py": "SEP = 1\n"})
+    impossible = repo.raw_commit(b"From the far future\n", {"far.py": "X = 1\n"}, b"99999999999999999999 +0000")
+    repo.commit("An ordinary commit after them", {"after.py": "Y = 2\n"})
+    result = replay_repository(store, settings, repo.path)
+    assert (result.commits_seen, result.commits_stored, result.unreadable) == (7, 6, 1)
+    events = {e["meta"]["commit"]: e for e in store.events_for_path(str(repo.path.resolve()))}
+    assert impossible not in events and len(events) == 6
+    assert events[bad_zone]["time"] == "2023-11-14T22:13:20.000+00:00"  # from the timestamp, zone ignored
+    assert events[separators]["meta"]["message"] == "Fields   and   in a message"
+    assert events[separators]["meta"]["paths"] == ["sep.py"]
+
+
+def test_a_commit_whose_author_date_is_impossible_keeps_its_committer_date(repo: Repo):
+    sha = repo.raw_commit(b"Odd author\n", {"odd.py": "Z = 3\n"}, b"1700000000 +0000",
+                          author_stamp=b"not-a-date")
+    assert log_entries(repo.path)[-1].sha == sha and log_entries(repo.path)[-1].time.startswith("2023-11-14")
+
+
+def test_one_broken_repository_does_not_stop_the_sync_of_the_others(tmp_path: Path):
+    first, second = Repo(tmp_path / "a"), Repo(tmp_path / "b")
+    for r in (first, second):
+        r.commit("Start with a readme", {"README.md": "hi\n"})
+    home = make_home(tmp_path, roots=[str(first.path), str(second.path)])
+    settings = load_settings(home)
+    store = Store(settings.memory.db)
+    try:
+        sync = GitSync(store, settings)
+        assert sync.run() == 0  # the first sync remembers each HEAD
+        first.raw_commit(b"Bad zone at HEAD\n", {"x.py": "X = 1\n"}, b"1700000000 +51800")
+        second.commit("Keep syncing me", {"y.py": "Y = 1\n"})
+        blob = first.git("rev-parse", "HEAD:x.py")
+        first.commit("Another one", {"z.py": "Z = 1\n"})
+        (first.path / ".git" / "objects" / blob[:2] / blob[2:]).unlink()  # a corrupt object store:
+        (first.path / "x.py").unlink()  # (and no copy in the work tree that git could use instead)
+        assert sync.run() == 2  # second's commit and first's readable one
+        assert [e["meta"]["message"] for e in store.events_for_path(str(second.path))] == ["Keep syncing me"]
+        assert [e["meta"]["message"] for e in store.events_for_path(str(first.path))] == ["Another one"]
+    finally:
+        store.close()
+
+
+def test_concurrent_replays_store_each_commit_once(tmp_path: Path, home: Path, repo: Repo):
+    for i in range(40):
+        repo.commit(f"Change number {i} of the module", {"module.py": f"VALUE = {i}\n"},
+                    date=f"2024-04-01T12:{i:02d}:00Z")
+    replays = [subprocess.Popen([*GREMLIN, "--home", str(home), "replay", str(repo.path)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0] for p in replays]
+    assert all(p.returncode == 0 for p in replays), outputs
+    store = Store(load_settings(home).memory.db, readonly=True)
+    try:
+        shas = [e["meta"]["commit"] for e in store.events_for_path(str(repo.path.resolve()))]
+        assert len(shas) == 43 and len(set(shas)) == 43
+        assert store.counts()["memories"] == 43
+    finally:
+        store.close()
+
+
+def test_migration_drops_commits_that_concurrent_replays_stored_twice(tmp_path: Path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number in range(2):  # the schema as version 2 left it
+        for statement in _split_sql(MIGRATIONS[number]):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=2")
+    for sha in ("aaa", "bbb", "aaa", "aaa", "bbb"):
+        event = conn.execute("INSERT INTO events (time, kind, path, root, meta) VALUES ('t', 'commit', '/r', '/r', ?)",
+                             (json.dumps({"commit": sha}),)).lastrowid
+        memory = conn.execute("INSERT INTO memories (kind, text, created, event_id) VALUES ('code_diff', ?, 't', ?)",
+                              (f"commit {sha}", event)).lastrowid
+        conn.execute("INSERT INTO vectors (model_id, memory_id, vec) VALUES ('m', ?, x'00')", (memory,))
+    conn.close()
+    store = Store(path)
+    try:
+        assert [(e["id"], e["meta"]["commit"]) for e in store.events_for_path("/r")] == [(1, "aaa"), (2, "bbb")]
+        assert store.counts()["memories"] == 2 and store.counts()["vectors"] == 2
+        assert store.lexical_search("aaa", 10) and len(store.lexical_search("aaa", 10)) == 1
+        twice = NewEvent(kind="commit", path="/r", root="/r", time="t", state=None, meta={"commit": "aaa"},
+                         memory_kind="code_diff", memory_text="again")
+        assert store.record_events([twice]) == [] and store.counts()["events"] == 2
+    finally:
+        store.close()
+
+
+def test_a_shallow_clones_boundary_commit_is_skipped(tmp_path: Path, store: Store, settings, repo: Repo):
+    repo.commit("Add the lexer", {"lexer.py": "def lex(text):\n    return text.split()\n"})
+    clone = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "2", f"file://{repo.path}", str(clone)], check=True,
+                   capture_output=True, timeout=60, env={**os.environ, **GIT_ENV})
+    result = replay_repository(store, settings, clone)
+    assert (result.commits_seen, result.commits_stored, result.unreadable) == (2, 1, 1)
+    [event] = store.events_for_path(str(clone.resolve()))
+    assert event["meta"]["message"] == "Add the lexer" and event["meta"]["paths"] == ["lexer.py"]
+
+
+def test_a_failing_repository_is_logged_once_not_at_every_sync(tmp_path: Path, store: Store, settings,
+                                                                 watched: Path, caplog):
+    repo = Repo(watched)
+    repo.commit("Start", {"a.py": "A = 1\n"})
+    store.set_marker(SYNC_MARKER + str(watched), json.dumps({"sha": "0" * 40, "time": "not a time"}))
+    sync = GitSync(store, settings)
+    with caplog.at_level("INFO", logger="self_training.replay"):
+        for _ in range(3):
+            assert sync.run() == 0
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].repo == str(watched) and "not a time" in errors[0].error
+    store.set_marker(SYNC_MARKER + str(watched), json.dumps({"sha": head_sha(watched), "time": "2024-01-01"}))
+    repo.commit("Fixed", {"b.py": "B = 1\n"})
+    with caplog.at_level("INFO", logger="self_training.replay"):
+        assert sync.run() == 1
+    assert "git history syncs again" in caplog.text and not sync.failing
