@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+
+from memory.paths import display_path
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
@@ -21,6 +24,18 @@ AUDIT_LOGGER = "gremlin.audit"
 
 def _extras(record: logging.LogRecord) -> dict:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(line: str, in_json: bool = False) -> str:
+    """`line` with the surrogate escapes of undecodable file-name bytes written as \\xNN
+    (a file name is any bytes; a UTF-8 log file cannot hold those as they are)."""
+    def escape(match: re.Match) -> str:
+        shown = display_path(match.group())
+        return shown.replace("\\", "\\\\") if in_json else shown
+    return _SURROGATE.sub(escape, line)
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +47,7 @@ class JsonFormatter(logging.Formatter):
                **_extras(record)}
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _escape_surrogates(json.dumps(out, default=str, ensure_ascii=False), in_json=True)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -40,11 +55,11 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        pairs = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        pairs = " ".join(f"{k}={display_path(str(v))}" for k, v in _extras(record).items())
         line = f"{stamp} {record.levelname:<7} {record.getMessage()} {pairs}".rstrip()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return _escape_surrogates(line)
 
 
 def configure_logging(settings, console: bool = True, files: bool = True) -> Path:
@@ -78,6 +93,6 @@ def configure_logging(settings, console: bool = True, files: bool = True) -> Pat
 def _rotating(path: Path, settings, formatter: logging.Formatter) -> logging.Handler:
     handler = logging.handlers.RotatingFileHandler(
         path, maxBytes=settings.logging.max_bytes, backupCount=settings.logging.backup_count,
-        encoding="utf-8")
+        encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(formatter)
     return handler

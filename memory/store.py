@@ -156,6 +156,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# File names are bytes, and Python hands an undecodable one over with surrogate escapes,
+# which sqlite3 refuses to bind. Paths (and keys made of them) are therefore bound through
+# `_T` with `_b`: such a value goes in as its exact bytes, cast to TEXT, and every text is
+# read back with surrogatepass, so a path survives the round trip unchanged.
+_T = "CAST(? AS TEXT)"
 MODEL_HISTORY = "models.history"  # marker: the ids made current, in order (rollback's "before")
 MAX_HISTORY = 100
 BUSY_TIMEOUT_MS = 10_000
@@ -241,6 +246,7 @@ class Store:
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.text_factory = _decode_text
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as exc:
@@ -303,9 +309,9 @@ class Store:
                     continue
                 cursor = conn.execute(
                     "INSERT INTO events (time, kind, path, root, old_sha, new_sha, size, diff, meta, old_path)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (ev.time, ev.kind, ev.path, ev.root, ev.old_sha, ev.new_sha, ev.size,
-                     ev.diff, json.dumps(ev.meta), ev.old_path))
+                    f" VALUES (?, ?, {_T}, {_T}, ?, ?, ?, ?, ?, {_T}) ON CONFLICT DO NOTHING",
+                    (ev.time, ev.kind, _b(ev.path), _b(ev.root), ev.old_sha, ev.new_sha, ev.size,
+                     ev.diff, json.dumps(ev.meta), _b(ev.old_path)))
                 if not cursor.rowcount:  # the same commit of the same repository, stored before
                     continue
                 event_id = cursor.lastrowid
@@ -331,15 +337,15 @@ class Store:
         now = now or datetime.now(timezone.utc)
         with self.transaction() as conn:
             conn.execute("DELETE FROM own_writes WHERE expires < ?", (utc_now(now),))
-            conn.execute("INSERT OR REPLACE INTO own_writes (path, sha, expires) VALUES (?, ?, ?)",
-                         (path, sha, utc_now(now + timedelta(seconds=ttl_s))))
+            conn.execute(f"INSERT OR REPLACE INTO own_writes (path, sha, expires) VALUES ({_T}, ?, ?)",
+                         (_b(path), sha, utc_now(now + timedelta(seconds=ttl_s))))
 
     def is_own_write(self, path: str, sha: str | None, now: datetime | None = None) -> bool:
         """Whether this content of this path was announced as Gremlin's own write."""
         if not sha:
             return False
-        return bool(self._query("SELECT 1 FROM own_writes WHERE path = ? AND sha = ? AND expires >= ?",
-                                (path, sha, utc_now(now))))
+        return bool(self._query(f"SELECT 1 FROM own_writes WHERE path = {_T} AND sha = ? AND expires >= ?",
+                                (_b(path), sha, utc_now(now))))
 
     def add_memory(self, kind: str, text: str, meta: dict | None = None,
                    replaceable: bool = True, now: datetime | None = None) -> int:
@@ -374,7 +380,7 @@ class Store:
     def events_for_path(self, path: str) -> list[dict]:
         """Every event of one path, oldest first."""
         rows = self._query("SELECT id, time, kind, path, old_path, old_sha, new_sha, size, diff, meta"
-                           " FROM events WHERE path = ? ORDER BY id", (path,))
+                           f" FROM events WHERE path = {_T} ORDER BY id", (_b(path),))
         return [{**dict(r), "meta": json.loads(r["meta"])} for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -405,14 +411,15 @@ class Store:
 
     def file_state(self, path: str) -> FileState | None:
         """The last recorded state of one file."""
-        rows = self._query("SELECT path, root, sha, size, mtime_ns, inode, head FROM files WHERE path = ?", (path,))
+        rows = self._query(f"SELECT path, root, sha, size, mtime_ns, inode, head FROM files WHERE path = {_T}",
+                           (_b(path),))
         return FileState(**dict(rows[0])) if rows else None
 
     def file_states_under(self, directory: str) -> dict[str, FileState]:
         """Recorded states of every file inside `directory` (a path prefix ending at a '/')."""
         prefix = directory.rstrip("/") + "/"
         rows = self._query("SELECT path, root, sha, size, mtime_ns, inode, head FROM files"
-                           " WHERE path >= ? AND path < ?", (prefix, prefix[:-1] + "0"))
+                           f" WHERE path >= {_T} AND path < {_T}", (_b(prefix), _b(prefix[:-1] + "0")))
         return {r["path"]: FileState(**dict(r)) for r in rows}
 
     def file_shas(self) -> set[str]:
@@ -430,16 +437,17 @@ class Store:
         """When Gremlin first watched `root` (ns since the epoch; `now_ns` the first time asked),
         and whether its first full scan (the baseline) has completed."""
         with self.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO roots (path, watched_since_ns, first_seen) VALUES (?, ?, ?)",
-                         (root, now_ns, utc_now(now)))
-            since, done = conn.execute("SELECT watched_since_ns, baselined FROM roots WHERE path = ?",
-                                       (root,)).fetchone()
+            conn.execute(f"INSERT OR IGNORE INTO roots (path, watched_since_ns, first_seen) VALUES ({_T}, ?, ?)",
+                         (_b(root), now_ns, utc_now(now)))
+            since, done = conn.execute(f"SELECT watched_since_ns, baselined FROM roots WHERE path = {_T}",
+                                       (_b(root),)).fetchone()
         return since, done is not None
 
     def mark_root_baselined(self, root: str, now: datetime | None = None) -> None:
         """The first full scan of `root` is complete: from now on every new file is a change."""
         with self.transaction() as conn:
-            conn.execute("UPDATE roots SET baselined = ? WHERE path = ? AND baselined IS NULL", (utc_now(now), root))
+            conn.execute(f"UPDATE roots SET baselined = ? WHERE path = {_T} AND baselined IS NULL",
+                         (utc_now(now), _b(root)))
 
     # -- vectors ---------------------------------------------------------------------
 
@@ -591,7 +599,7 @@ class Store:
 
     def get_marker(self, key: str) -> str | None:
         """One small piece of persistent state (a cursor, a time), or None."""
-        rows = self._query("SELECT value FROM markers WHERE key = ?", (key,))
+        rows = self._query(f"SELECT value FROM markers WHERE key = {_T}", (_b(key),))
         return rows[0][0] if rows else None
 
     def get_markers(self, prefix: str) -> dict[str, str]:
@@ -606,9 +614,9 @@ class Store:
     def set_markers(self, values: dict[str, str]) -> None:
         """Set several markers in one transaction."""
         with self.transaction() as conn:
-            conn.executemany("INSERT INTO markers (key, value) VALUES (?, ?)"
+            conn.executemany(f"INSERT INTO markers (key, value) VALUES ({_T}, ?)"
                              " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                             [(k, str(v)) for k, v in values.items()])
+                             [(_b(k), str(v)) for k, v in values.items()])
 
     def events_after(self, event_id: int, limit: int = 1000) -> list[dict]:
         """(id, kind, path, meta) of the events after `event_id`, oldest first, without diffs."""
@@ -670,8 +678,8 @@ class Store:
     def commit_shas(self, root: str) -> set[str]:
         """The shas of the commits of one repository already stored as `commit` events."""
         # a commit event's path is its repository: the events_path index finds them
-        rows = self._query("SELECT json_extract(meta, '$.commit') FROM events WHERE path = ? AND kind = 'commit'",
-                           (root,))
+        rows = self._query(f"SELECT json_extract(meta, '$.commit') FROM events WHERE path = {_T} AND kind = 'commit'",
+                           (_b(root),))
         return {r[0] for r in rows if r[0]}
 
     def dataset_events(self, after_id: int, limit: int, max_chars: int) -> list[dict]:
@@ -719,6 +727,22 @@ def fts_match_expression(query: str) -> str:
     return " OR ".join(f'"{w}"' for w in list(words)[:MAX_QUERY_TERMS])
 
 
+def _b(value: str | None) -> str | bytes | None:
+    """A parameter for `_T`: the text itself, or its exact bytes when it holds surrogate escapes."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+    return value
+
+
+def _decode_text(data: bytes) -> str:
+    """Text read from the database (what `_b` wrote comes back as it was)."""
+    return data.decode("utf-8", "surrogatepass")
+
+
 def _insert_memory(conn: sqlite3.Connection, kind: str, text: str, meta: dict, created: str,
                    event_id: int | None, replaceable: bool = True) -> int:
     return conn.execute(
@@ -729,14 +753,14 @@ def _insert_memory(conn: sqlite3.Connection, kind: str, text: str, meta: dict, c
 
 def _write_file_state(conn: sqlite3.Connection, path: str, state: FileState | None, stamp: str) -> None:
     if state is None:
-        conn.execute("DELETE FROM files WHERE path = ?", (path,))
+        conn.execute(f"DELETE FROM files WHERE path = {_T}", (_b(path),))
         return
     conn.execute(
         "INSERT INTO files (path, root, sha, size, mtime_ns, inode, head, updated)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET root = excluded.root,"
+        f" VALUES ({_T}, {_T}, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET root = excluded.root,"
         " sha = excluded.sha, size = excluded.size, mtime_ns = excluded.mtime_ns,"
         " inode = excluded.inode, head = excluded.head, updated = excluded.updated",
-        (state.path, state.root, state.sha, state.size, state.mtime_ns, state.inode, state.head, stamp))
+        (_b(state.path), _b(state.root), state.sha, state.size, state.mtime_ns, state.inode, state.head, stamp))
 
 
 def _count_repeat(conn: sqlite3.Connection, ev: NewEvent, window_s: float) -> bool:

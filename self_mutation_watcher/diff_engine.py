@@ -23,6 +23,7 @@ import unidiff
 
 from config.errors import GremlinError
 from memory.atomic import write_bytes_atomically
+from memory.paths import c_quote, display_path
 from memory.store import FileState, NewEvent, Store, utc_now
 from self_mutation_watcher import log_tail
 from self_mutation_watcher.redact import Redactor
@@ -121,15 +122,15 @@ class ShadowStore:
 
 def unified_diff(old: Path | None, new: Path | None, label: str, max_bytes: int) -> Diff:
     """The unified diff of two files (None for an absent side), made by GNU diff."""
-    cmd = ["diff", "-u", "-a", "--label", f"a/{label}" if old else "/dev/null",
-           "--label", f"b/{label}" if new else "/dev/null",
+    cmd = ["diff", "-u", "-a", "--label", c_quote(f"a/{label}") if old else "/dev/null",
+           "--label", c_quote(f"b/{label}") if new else "/dev/null",
            str(old or os.devnull), str(new or os.devnull)]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=DIFF_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DiffError(f"diff of {label} failed: {exc}; is GNU diffutils installed?") from exc
+        raise DiffError(f"diff of {display_path(label)} failed: {exc}; is GNU diffutils installed?") from exc
     if proc.returncode > 1:
-        raise DiffError(f"diff of {label} failed: {proc.stderr.decode(errors='replace').strip()}")
+        raise DiffError(f"diff of {display_path(label)} failed: {proc.stderr.decode(errors='replace').strip()}")
     return parse_diff(proc.stdout.decode("utf-8", errors="replace"), max_bytes)
 
 
@@ -222,7 +223,7 @@ class ChangeDetector:
             meta["same_content"] = True
         else:
             meta["metadata_only"] = True
-        header = f"moved {_label(old, Path(gone.root))} -> {_label(new, Path(came.root))}"
+        header = f"moved {display_path(_label(old, Path(gone.root)))} -> {display_path(_label(new, Path(came.root)))}"
         return self._event("moved", new, Path(came.root), came.state, _state_of(gone), diff, meta,
                            old_path=gone.path, header=header)
 
@@ -303,14 +304,14 @@ class ChangeDetector:
         meta = {**base, "title": failure.title, "file": failure.file, "line": failure.line,
                 "signature": failure.signature}
         event = self._event("log", path, root, state, prev, failure.text, meta, memory_kind="failure",
-                            header=f"failure in {_label(path, root)}: {failure.title}")
+                            header=f"failure in {display_path(_label(path, root))}: {failure.title}")
         return dataclasses.replace(event, signature=failure.signature, title=failure.title)
 
     def _event(self, change: str, path: Path, root: Path, state: FileState | None,
                prev: FileState | None, diff_text: str | None, meta: dict,
                memory_kind: str = "code_diff", old_path: str | None = None,
                header: str | None = None) -> NewEvent:
-        label = _label(path, root)
+        label = display_path(_label(path, root))
         size = state.size if state else (prev.size if prev else None)
         diff_text, found = self.redactor.redact(diff_text)
         if found:
@@ -341,7 +342,7 @@ def _state_of(event: NewEvent) -> FileState | None:
 
 
 def _label(path: Path, root: Path) -> str:
-    """The path shown in diffs and memories: relative to the root's parent (keeps its name)."""
+    """The path named in diffs and memories: relative to the root's parent (keeps its name)."""
     try:
         return str(path.relative_to(root.parent))
     except ValueError:

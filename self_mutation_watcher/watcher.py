@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from watchdog.events import (EVENT_TYPE_CLOSED, EVENT_TYPE_CREATED, EVENT_TYPE_D
                              FileSystemEventHandler)
 
 from config.errors import GremlinError
+from memory.paths import display_path
 from memory.store import FileState, NewEvent, StoredEvent, Store, utc_now
 from self_mutation_watcher.diff_engine import ChangeDetector, ShadowStore
 from self_mutation_watcher.observers import ObserverSet
@@ -207,6 +209,7 @@ class WatchStats:
     events: int = 0
     checked: int = 0
     errors: int = 0
+    skipped: int = 0  # changes the database refused, each logged
     retried: int = 0
     last_error: str | None = None
     reconciled: dict = field(default_factory=dict)
@@ -298,6 +301,7 @@ class Watcher:
     def describe(self) -> dict:
         """Watcher facts for `gremlin status`."""
         return {"events": self.stats.events, "checked": self.stats.checked, "errors": self.stats.errors,
+                "skipped": self.stats.skipped,
                 "last_error": self.stats.last_error, "pending": self.pending,
                 "degraded": dict(self.observers.degraded), "observer_restarts": self.observers.restarts,
                 "watches": self.observers.watch_count, "reconciled": dict(self.stats.reconciled),
@@ -443,7 +447,7 @@ class Watcher:
             try:
                 outcome = self.detector.check(path, root, **options)
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
-                self._error(f"checking {path} failed: {exc}", exc)
+                self._error(f"checking {display_path(path)} failed: {exc}", exc)
                 continue
             if outcome.retry:
                 self._retry(path)
@@ -464,17 +468,18 @@ class Watcher:
         self._put(Hint(str(path)))
 
     def _commit(self, events: list[NewEvent], states: list[FileState], retry: list[Hint]) -> None:
-        """Durable first: commit, then embed. A failed commit re-queues its paths."""
+        """Durable first: commit, then embed. A failed commit re-queues its paths; an event
+        the database refuses by itself is skipped (logged and counted), never the batch."""
         try:
-            if states:
-                self.store.save_file_states(states)
-            stored = self.store.record_events(events, self.settings.watch.log_repeat_window_s) if events else []
-        except Exception as exc:  # noqa: BLE001 - e.g. disk full: retry later, lose nothing
+            stored = self._record(events, states)
+        except sqlite3.OperationalError as exc:  # e.g. disk full, I/O error: retry later, lose nothing
             self._error(f"recording {len(events)} events failed, will retry: {exc}", exc)
             time.sleep(min(RETRY_MAX_S, 1.0 * self.stats.errors))
             for hint in retry:
                 self._queue.put(hint)
             return
+        except Exception:  # noqa: BLE001 - one bad item: record the others one by one
+            stored = self._record_each(events, states)
         self.stats.events += len(stored)
         for ev in events:
             self._retries.pop(ev.path, None)
@@ -487,6 +492,29 @@ class Watcher:
                 self.sink(stored)
             except Exception as exc:  # noqa: BLE001 - rows are safe; catch-up embeds them later
                 self._error(f"embedding {len(stored)} memories failed: {exc}", exc)
+
+    def _record(self, events: list[NewEvent], states: list[FileState]) -> list[StoredEvent]:
+        if states:
+            self.store.save_file_states(states)
+        return self.store.record_events(events, self.settings.watch.log_repeat_window_s) if events else []
+
+    def _record_each(self, events: list[NewEvent], states: list[FileState]) -> list[StoredEvent]:
+        """Record events and states one at a time, skipping (and counting) those that fail: a
+        skipped file keeps its old recorded state, so the next reconcile tries it again."""
+        stored = []
+        for ev in events:
+            stored += self._record_or_skip([ev], [], ev.path)
+        for state in states:
+            self._record_or_skip([], [state], state.path)
+        return stored
+
+    def _record_or_skip(self, events: list[NewEvent], states: list[FileState], path: str) -> list[StoredEvent]:
+        try:
+            return self._record(events, states)
+        except Exception as exc:  # noqa: BLE001 - logged with its path; the rest goes on
+            self.stats.skipped += 1
+            self._error(f"cannot record the change of {display_path(path)}; left for the next reconcile: {exc}", exc)
+            return []
 
     def _error(self, message: str, exc: BaseException) -> None:
         self.stats.errors += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from config.settings import load_settings
-from memory.store import Store
+from memory.store import FileState, NewEvent, Store, utc_now
 from self_mutation_watcher.watcher import Hint, PathFilter, Watcher, WatchError, outermost
 from tests.conftest import SETTLE_S, Running, make_home
 
@@ -287,3 +288,51 @@ def test_the_scheduled_reconcile_finds_what_inotify_missed(tmp_path: Path, watch
     finally:
         r.stop()
         store.close()
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_once_and_shown_escaped(settings, store, watched: Path):
+    raw = os.fsencode(watched) + b"/caf\xe9-\xff.py"  # Latin-1 bytes: not UTF-8
+    path = os.fsdecode(raw)
+    r = Running(settings, store)
+    try:
+        with open(raw, "w") as handle:
+            handle.write("x = 1\n")
+        assert r.wait_events(1) == [("created", Path(path).name)]
+        [event] = store.events_for_path(path)  # the exact name comes back from the database
+        assert event["path"] == path and store.file_state(path).path == path
+        assert list(store.file_states_under(str(watched))) == [path]
+        memory = store.get_memories(store.memory_ids().tolist())
+        [label] = [m["meta"]["label"] for m in memory.values()]
+        assert label == "project/caf\\xe9-\\xff.py" and memory[1]["text"].startswith("created project/caf\\xe9")
+        assert r.watcher.stats.errors == 0
+        r.watcher.request_reconcile()  # nothing to do again: no error, no second event
+        time.sleep(SETTLE_S)
+        assert len(r.events()) == 1 and r.watcher.stats.errors == 0
+    finally:
+        r.stop()
+
+
+def test_a_file_name_with_a_newline_keeps_its_diff_parseable(running, watched: Path, store):
+    f = watched / "two\nlines.py"
+    f.write_text("a = 1\nb = 2\n")
+    running.wait_events(1)
+    [event] = store.events_for_path(str(f))
+    assert event["meta"]["added"] == 2 and event["meta"]["parsed"]
+    assert event["diff"].startswith('--- /dev/null\n+++ "b/project/two\\nlines.py"\n')
+    [memory] = store.get_memories(store.memory_ids().tolist()).values()
+    assert memory["text"].splitlines()[0] == "created project/two\\nlines.py"
+
+
+def test_one_change_the_database_refuses_does_not_hold_up_the_others(settings, store, watched: Path):
+    watcher = Watcher(settings, store, lambda stored: None)
+    good = NewEvent(kind="created", path=str(watched / "good.py"), root=str(watched), time=utc_now(),
+                    state=FileState(str(watched / "good.py"), str(watched), "ab", 1, 1), memory_kind="code_diff",
+                    memory_text="created good.py")
+    bad = dataclasses.replace(good, path=str(watched / "bad.py"), memory_text="lone \ud800 surrogate",
+                              state=FileState(str(watched / "bad.py"), str(watched), "cd", 1, 1))
+    started = time.monotonic()
+    watcher._commit([good, bad], [], [])
+    assert time.monotonic() - started < 1  # no back-off: the database is fine, one item is not
+    assert [e["kind"] for e in store.events_for_path(str(watched / "good.py"))] == ["created"]
+    assert store.events_for_path(str(watched / "bad.py")) == [] and store.file_state(str(watched / "bad.py")) is None
+    assert watcher.stats.skipped == 1 and "bad.py" in watcher.stats.last_error
