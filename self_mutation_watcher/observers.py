@@ -120,6 +120,8 @@ class ObserverSet:
             self._check_kernel_count()
 
     def _schedule_root(self, root: Path) -> None:
+        if not root.is_dir():  # gone for now: the watcher calls `rewatch` when it is back
+            return
         try:
             for w in self._plans[root]:
                 self._schedule(self._inotify, w.path, w.recursive, root)
@@ -167,6 +169,17 @@ class ObserverSet:
             for root in inotify_roots:
                 self._unschedule_root(root)
                 self._degrade(root, f"inotify watch limit reached ({have} of {need} folders watched)")
+
+    def rewatch(self, root: Path) -> None:
+        """Watch a root afresh: it was moved away and back, or deleted and made again."""
+        with self._lock:
+            self._unschedule_root(root)
+            self._plans[root] = plan_watches(root, lambda d: self.accepts_dir(d, root))
+            if str(root) in self.degraded:
+                for w in self._plans[root]:
+                    self._schedule(self._polling, w.path, w.recursive, root)
+            else:
+                self._schedule_root(root)
 
     def ensure_watched(self, folder: Path, root: Path) -> bool:
         """Watch a folder that appeared under a non-recursive watch; True when a watch was added."""

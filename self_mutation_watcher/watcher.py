@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -244,6 +245,8 @@ class Watcher:
         self.debounce_s, self.max_wait_s = w.debounce_ms / 1000, w.max_wait_ms / 1000
         self.reconcile_s = w.reconcile_interval_s
         self.stats = WatchStats()
+        self.missing: dict[str, str] = {}  # root -> since when it is gone
+        self._root_ids: dict[Path, tuple[int, int] | None] = {}
         self.observers = ObserverSet(_EnqueueHandler(self._put), self.filter.accepts_dir)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: dict[Hint, tuple[float, float]] = {}  # hint -> (first seen, last seen)
@@ -268,6 +271,7 @@ class Watcher:
                                  f"create it, or remove it from [watch] {where} in "
                                  f"{self.settings.config_file} (or from --watch)")
         self._started_ns = time.time_ns()
+        self._root_ids = {root: root_identity(root) for root in self.roots}
         logging.getLogger("watchdog.observers.inotify").addHandler(self._overflow)
         try:
             self.observers.start(list(self.roots))
@@ -303,7 +307,8 @@ class Watcher:
         return {"events": self.stats.events, "checked": self.stats.checked, "errors": self.stats.errors,
                 "skipped": self.stats.skipped,
                 "last_error": self.stats.last_error, "pending": self.pending,
-                "degraded": dict(self.observers.degraded), "observer_restarts": self.observers.restarts,
+                "degraded": dict(self.observers.degraded), "missing": dict(self.missing),
+                "observer_restarts": self.observers.restarts,
                 "watches": self.observers.watch_count, "reconciled": dict(self.stats.reconciled),
                 "reconcile_seconds": dict(self.stats.reconcile_seconds)}
 
@@ -332,6 +337,7 @@ class Watcher:
         """Restart dead observers, run the scheduled reconcile and prune shadow copies."""
         if stopping:
             return
+        self._check_roots()
         if not self.observers.healthy() and now >= self._restart_after:
             try:
                 self.observers.restart()
@@ -346,6 +352,34 @@ class Watcher:
             removed = self.shadow.prune(self.store.file_shas())
             if removed:
                 logger.info("pruned shadow copies no file refers to", extra={"removed": removed})
+
+    def _check_roots(self) -> None:
+        """A root that went away is left as recorded (no flood of deletes); once it is back,
+        moved back or made again, it is watched afresh and reconciled."""
+        for root in self.roots:
+            now_id = root_identity(root)
+            if now_id == self._root_ids.get(root):
+                continue
+            self._root_ids[root] = now_id
+            if now_id is None:
+                self.missing[str(root)] = utc_now()
+                logger.warning("a watched root disappeared; its changes are recorded when it is back",
+                               extra={"root": str(root)})
+                continue
+            self.missing.pop(str(root), None)
+            logger.info("a watched root is there again; watching and reconciling it", extra={"root": str(root)})
+            try:
+                self.observers.rewatch(root)
+            except OSError as exc:  # it went again meanwhile: the next check sees that
+                self._root_ids[root] = None
+                logger.warning("cannot watch the root yet", extra={"root": str(root), "error": str(exc)})
+                continue
+            self._put(Hint(str(root), scan=True))
+
+    def _root_unchanged(self, root: Path) -> bool:
+        """Whether `root` is still the folder being watched (not gone, not replaced)."""
+        known = self._root_ids.get(root)
+        return known is not None and root_identity(root) == known
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
@@ -403,7 +437,7 @@ class Watcher:
         """What to check for a hint: one file, or every file of a subtree."""
         path = Path(hint.path)
         root = self.filter.root_of(path)
-        if root is None:
+        if root is None or not self._root_unchanged(root):  # a root coming back is reconciled whole
             return
         if not hint.scan:
             if self.filter.accepts(path, root):  # after RETRY_LIMIT tries, take it as it is
@@ -455,6 +489,12 @@ class Watcher:
             if outcome.state:
                 states.append(outcome.state)
         events = pair_moves(events, moves, self.detector.merge_move)
+        # A root that went away (or was replaced) while its files were checked: its files
+        # were not deleted. Nothing of it is recorded now; it is reconciled once it is back.
+        moved = {e.root for e in events if e.kind == "deleted" and not self._root_unchanged(Path(e.root))}
+        if moved:
+            events = [e for e in events if e.root not in moved]
+            states = [s for s in states if s.root not in moved]
         self._commit(events, states, [Hint(str(item.path)) for item in items])
 
     def _retry(self, path: Path) -> None:
@@ -520,6 +560,15 @@ class Watcher:
         self.stats.errors += 1
         self.stats.last_error = message
         logger.error(message, exc_info=exc)
+
+
+def root_identity(root: Path) -> tuple[int, int] | None:
+    """(device, inode) of a root folder; None when it is not there."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _batches(checks: dict[str, _Item], moves: dict[str, str]) -> Iterator[list[_Item]]:

@@ -40,7 +40,7 @@ def test_plan_leaves_out_excluded_folders_that_have_subfolders(settings, watched
 def test_the_kernel_watches_only_the_planned_folders(settings, store, watched: Path):
     make_tree(watched)
     before = inotify_watch_count() or 0
-    watcher = Watcher(settings, store, list.append)
+    watcher = Watcher(settings, store, [].extend)
     watcher.start()
     try:
         assert inotify_watch_count() - before == 6  # not the 180-odd folders of node_modules and .git
@@ -51,7 +51,7 @@ def test_the_kernel_watches_only_the_planned_folders(settings, store, watched: P
 
 def test_a_folder_created_under_a_split_watch_is_watched(settings, store, watched: Path):
     make_tree(watched)
-    watcher = Watcher(settings, store, list.append)
+    watcher = Watcher(settings, store, [].extend)
     watcher.start()
     try:
         assert watcher.wait_idle(20)
@@ -72,7 +72,7 @@ def test_a_folder_created_under_a_split_watch_is_watched(settings, store, watche
 
 def test_a_dead_observer_is_restarted_and_changes_are_not_lost(settings, store, watched: Path):
     make_tree(watched)
-    watcher = Watcher(settings, store, list.append)
+    watcher = Watcher(settings, store, [].extend)
     watcher.start()
     try:
         assert watcher.wait_idle(20)
@@ -80,7 +80,7 @@ def test_a_dead_observer_is_restarted_and_changes_are_not_lost(settings, store, 
         time.sleep(0.5)
         watcher.observers._inotify.stop()  # the observer thread ends, as after an uncaught error
         (watched / "during_outage.py").write_text("x = 1\n")
-        wait_for(lambda: watcher.observers.restarts == 1, 10, what="the restart")
+        wait_for(lambda: watcher.observers.restarts >= 1, 10, what="the restart")
         wait_for(lambda: store.events_for_path(str(watched / "during_outage.py")), 10,
                  what="the change made while no observer ran (found by the reconcile)")
         (watched / "after.py").write_text("y = 2\n")
@@ -98,7 +98,7 @@ ENOSPC_SCRIPT = textwrap.dedent("""
     home, watched = Path(sys.argv[1]), Path(sys.argv[2])
     settings = load_settings(home)
     store = Store(settings.memory.db)
-    watcher = Watcher(settings, store, list.append)
+    watcher = Watcher(settings, store, [].extend)
     watcher.start()
     watcher.wait_idle(30)
     (watched / "d7" / "changed.py").write_text("polled = True\\n")

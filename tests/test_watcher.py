@@ -14,7 +14,7 @@ import pytest
 from config.settings import load_settings
 from memory.store import FileState, NewEvent, Store, utc_now
 from self_mutation_watcher.watcher import Hint, PathFilter, Watcher, WatchError, outermost
-from tests.conftest import SETTLE_S, Running, make_home
+from tests.conftest import SETTLE_S, Running, make_home, wait_for
 
 def test_files_present_at_first_start_are_a_baseline_not_events(settings, store, watched: Path):
     (watched / "old.py").write_text("x = 1\n")
@@ -336,3 +336,45 @@ def test_one_change_the_database_refuses_does_not_hold_up_the_others(settings, s
     assert [e["kind"] for e in store.events_for_path(str(watched / "good.py"))] == ["created"]
     assert store.events_for_path(str(watched / "bad.py")) == [] and store.file_state(str(watched / "bad.py")) is None
     assert watcher.stats.skipped == 1 and "bad.py" in watcher.stats.last_error
+
+
+def test_a_root_moved_away_and_back_is_reconciled_at_once(settings, store, watched: Path, tmp_path: Path):
+    (watched / "sub").mkdir()
+    (watched / "a.py").write_text("a = 1\n")
+    (watched / "sub" / "b.py").write_text("b = 1\n")
+    r = Running(settings, store)
+    try:
+        away = tmp_path / "away"
+        watched.rename(away)
+        wait_for(lambda: str(watched) in r.watcher.describe()["missing"], 5, what="the root to be missing")
+        (away / "a.py").write_text("a = 2\n")  # inotify still reports it, under the old path
+        (away / "sub" / "b.py").unlink()
+        (away / "new.py").write_text("n = 1\n")
+        time.sleep(SETTLE_S)
+        assert r.events() == []  # nothing was deleted: the whole root is elsewhere
+        away.rename(watched)
+        got = sorted(r.wait_events(3))
+        assert got == [("created", "new.py"), ("deleted", "b.py"), ("modified", "a.py")]
+        assert r.watcher.describe()["missing"] == {} and r.watcher.stats.errors == 0
+        (watched / "after.py").write_text("x = 1\n")
+        assert r.wait_events(4)[-1] == ("created", "after.py")
+    finally:
+        r.stop()
+
+
+def test_a_root_deleted_and_made_again_is_watched_again(settings, store, watched: Path, caplog):
+    (watched / "old.py").write_text("o = 1\n")
+    r = Running(settings, store)
+    try:
+        shutil.rmtree(watched)  # or unmounted: a missing root records nothing until it is back
+        wait_for(lambda: str(watched) in r.watcher.describe()["missing"], 5, what="the root to be missing")
+        time.sleep(1.5)
+        assert r.events() == []
+        watched.mkdir()
+        (watched / "fresh.py").write_text("f = 1\n")
+        assert sorted(r.wait_events(2)) == [("created", "fresh.py"), ("deleted", "old.py")]
+        (watched / "later.py").write_text("l = 1\n")
+        assert r.wait_events(3)[-1] == ("created", "later.py")
+        assert not [rec for rec in caplog.records if "restarting the observers failed" in rec.getMessage()]
+    finally:
+        r.stop()
