@@ -1,8 +1,9 @@
 """Turn the state of one file into an event: shadow copies, GNU diff, unidiff hunks.
 
-The last seen content of every watched text file is kept in a content-addressed shadow
-store (`data/shadow/ab/cdef…`). A change is the unified diff, made by GNU diff, between
-the shadow copy and the new content, parsed with unidiff into hunks. Binary files and
+The last seen content of every watched text file is kept, with likely secrets redacted, in
+a shadow store keyed by content hash (`data/shadow/ab/cdef…`). A change is the unified diff,
+made by GNU diff, between the shadow copy and the new (redacted) content, parsed with
+unidiff into hunks. Binary files and
 files over the size limit become events with metadata only. Log files are followed
 from their last offset instead, and appended text that looks like a failure becomes a
 failure memory.
@@ -16,6 +17,7 @@ import logging
 import os
 import stat
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from memory.atomic import write_bytes_atomically
 from memory.paths import c_quote, display_path
 from memory.store import FileState, NewEvent, Store, utc_now
 from self_mutation_watcher import log_tail
-from self_mutation_watcher.redact import Redactor
+from self_mutation_watcher.redact import Redactor, count_markers
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +89,8 @@ def decode_text(data: bytes) -> tuple[str, bool]:
 
 
 class ShadowStore:
-    """Content-addressed copies of file contents: `<root>/<sha[:2]>/<sha[2:]>`."""
+    """The last seen content of each text file, under the sha256 of the file's content:
+    `<root>/<sha[:2]>/<sha[2:]>`. Secrets in it are redacted (`ChangeDetector.shadow_copy`)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -109,14 +112,32 @@ class ShadowStore:
             write_bytes_atomically(self.path(sha), data)
         return sha
 
+    def blobs(self) -> Iterator[Path]:
+        """Every stored copy."""
+        for fan in self.root.glob("??"):
+            yield from (blob for blob in fan.iterdir() if not blob.name.startswith("."))
+
+    def rewrite(self, transform: Callable[[bytes], bytes]) -> int:
+        """Replace each copy by `transform` of it (when that differs); return how many changed."""
+        changed = 0
+        for blob in self.blobs():
+            try:
+                data = blob.read_bytes()
+                new = transform(data)
+                if new != data:
+                    write_bytes_atomically(blob, new)
+                    changed += 1
+            except OSError as exc:  # one unreadable copy: the others still get done
+                logger.warning("cannot rewrite a shadow copy", extra={"path": str(blob), "error": str(exc)})
+        return changed
+
     def prune(self, keep: set[str]) -> int:
         """Delete copies whose sha is not in `keep` (no file's last content); return how many."""
         removed = 0
-        for fan in self.root.glob("??"):
-            for blob in fan.iterdir():
-                if fan.name + blob.name not in keep and not blob.name.startswith("."):
-                    blob.unlink(missing_ok=True)
-                    removed += 1
+        for blob in list(self.blobs()):
+            if blob.parent.name + blob.name not in keep:
+                blob.unlink(missing_ok=True)
+                removed += 1
         return removed
 
 
@@ -241,7 +262,7 @@ class ChangeDetector:
             return Outcome(state=state) if _stat_of(prev) != _stat_of(state) else NOTHING
         if is_binary(data):
             return self._metadata_only(path, root, prev, st, sha, baseline, "binary")
-        self.shadow.put(data, sha)
+        self.shadow.put(self.shadow_copy(data), sha)
         if baseline:
             return Outcome(state=state)
         old = self.shadow.path(prev.sha) if prev and self.shadow.has(prev.sha) else None
@@ -251,6 +272,14 @@ class ChangeDetector:
             flags["previous_unknown"] = True
         change = "modified" if prev else "created"
         return Outcome((self._event(change, path, root, state, prev, diff.text, {**diff.meta(), **flags}),))
+
+    def shadow_copy(self, data: bytes) -> bytes:
+        """What the shadow keeps of a text file: its content with secrets redacted, so that no
+        copy under the home holds one (diffs are made between redacted versions)."""
+        if is_binary(data):
+            return data
+        text, found = self.redactor.redact(decode_text(data)[0])
+        return text.encode("utf-8") if found else data
 
     def _deleted(self, path, root, prev: FileState | None) -> Outcome:
         if prev is None:
@@ -282,7 +311,8 @@ class ChangeDetector:
         consumed = chunk[:chunk.rfind(b"\n") + 1]  # a partial last line waits for its end
         head = log_tail.head_signature(log_tail.read_head(path)) if st.st_size else None
         state = FileState(str(path), str(root), None, start + len(consumed), st.st_mtime_ns, st.st_ino, head)
-        failures = log_tail.group_failures(decode_text(rest + consumed)[0])
+        text, _ = self.redactor.redact(decode_text(rest + consumed)[0])  # titles and signatures too
+        failures = log_tail.group_failures(text)
         if not failures:
             return Outcome(state=state) if state != prev else NOTHING
         base = {"offset": start, "bytes": len(consumed), "rotated": rotated}
@@ -313,7 +343,8 @@ class ChangeDetector:
                header: str | None = None) -> NewEvent:
         label = display_path(_label(path, root))
         size = state.size if state else (prev.size if prev else None)
-        diff_text, found = self.redactor.redact(diff_text)
+        diff_text, _ = self.redactor.redact(diff_text)  # what the shadow or log reading left
+        found = count_markers(diff_text)
         if found:
             meta = {**meta, "redacted": found}
             logger.info("secrets redacted from a change", extra={"path": str(path), "kinds": found})

@@ -7,6 +7,7 @@ says what changed. The event records how many of each kind were removed.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,6 +54,22 @@ class Redactor:
             if n:
                 counts[kind] = counts.get(kind, 0) + n
         return text, counts
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the patterns (copies redacted with other patterns are redacted again)."""
+        return hashlib.sha256("\0".join(p.pattern for _, p, _ in self.patterns).encode()).hexdigest()[:16]
+
+
+MARKER = re.compile(r"\[REDACTED:(\w+)\]")
+
+
+def count_markers(text: str | None) -> dict[str, int]:
+    """How many redactions of each kind `text` holds."""
+    counts: dict[str, int] = {}
+    for kind in MARKER.findall(text or ""):
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _replace(match: re.Match, kind: str, group: int) -> str:

@@ -40,6 +40,7 @@ audit = logging.getLogger("gremlin.audit")
 BATCH_PATHS = 64  # small batches: encoding of one overlaps diffing of the next
 RETRY_MAX_S = 30.0
 RETRY_LIMIT = 5  # a file still changing after this many checks is recorded as it is
+SHADOW_REDACTION = "shadow.redaction"  # marker: the fingerprint of the patterns the shadow is redacted with
 RESTART_RETRY_S = 1.0  # a failed observer restart (the tree changed under it) is tried again after this
 # Gremlin's own log files: watching them would make every event log a new event.
 OWN_LOG_PREFIXES = ("gremlin.log", "bootstrap.log")
@@ -270,6 +271,7 @@ class Watcher:
                 raise WatchError(f"watched path {root} does not exist or is not a directory; "
                                  f"create it, or remove it from [watch] {where} in "
                                  f"{self.settings.config_file} (or from --watch)")
+        self._redact_shadow_copies()
         self._started_ns = time.time_ns()
         self._root_ids = {root: root_identity(root) for root in self.roots}
         logging.getLogger("watchdog.observers.inotify").addHandler(self._overflow)
@@ -279,6 +281,16 @@ class Watcher:
             raise WatchError(f"cannot watch {self.roots}: {exc}") from exc
         self.request_reconcile()  # after the observers: a change during the scan is not missed
         self._worker.start()
+
+    def _redact_shadow_copies(self) -> None:
+        """Redact shadow copies written before redaction covered them (or with other patterns)."""
+        redactor = self.detector.redactor
+        if not redactor.patterns or self.store.get_marker(SHADOW_REDACTION) == redactor.fingerprint:
+            return
+        changed = self.shadow.rewrite(self.detector.shadow_copy)
+        self.store.set_marker(SHADOW_REDACTION, redactor.fingerprint)
+        if changed:
+            logger.info("secrets redacted from existing shadow copies", extra={"copies": changed})
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop observing, process every pending change at once, stop the worker."""

@@ -13,6 +13,7 @@ import pytest
 
 from config.settings import load_settings
 from memory.store import FileState, NewEvent, Store, utc_now
+from self_mutation_watcher.diff_engine import ShadowStore
 from self_mutation_watcher.watcher import Hint, PathFilter, Watcher, WatchError, outermost
 from tests.conftest import SETTLE_S, Running, make_home, wait_for
 
@@ -378,3 +379,47 @@ def test_a_root_deleted_and_made_again_is_watched_again(settings, store, watched
         assert not [rec for rec in caplog.records if "restarting the observers failed" in rec.getMessage()]
     finally:
         r.stop()
+
+
+AWS_KEY = "AKIAZ7EXAMPLEQ4VXK2M"
+
+
+def _home_bytes_holding(home: Path, needle: bytes) -> list[str]:
+    """Files anywhere under the home whose bytes contain `needle`."""
+    return [str(p) for p in home.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_no_secret_reaches_any_file_of_the_home(settings, store, watched: Path, home: Path):
+    r = Running(settings, store)
+    try:
+        config = watched / "deploy.py"
+        config.write_text(f"REGION = 'eu'\nKEY_ID = '{AWS_KEY}'\n")
+        r.wait_events(1)
+        config.write_text(f"REGION = 'us'\nKEY_ID = '{AWS_KEY}'\n")
+        r.wait_events(2)
+        (watched / "app.log").write_text("ERROR login failed for db: password=hunter2hunter2 rejected\n")
+        r.wait_events(3)
+    finally:
+        r.stop()
+    store.close()
+    for secret in (AWS_KEY.encode(), b"hunter2hunter2"):
+        assert _home_bytes_holding(home, secret) == []
+    created, modified = Store(settings.memory.db, readonly=True).events_for_path(str(config))
+    assert created["meta"]["redacted"] == {"aws_access_key": 1}
+    assert "-REGION = 'eu'\n+REGION = 'us'\n" in modified["diff"] and "KEY_ID" in modified["diff"]
+    assert "[REDACTED:aws_access_key]" in modified["diff"]  # the context line, redacted on both sides
+
+
+def test_shadow_copies_made_before_redaction_are_redacted_at_start(settings, store, watched: Path, home: Path,
+                                                                  caplog):
+    (watched / "old.py").write_text("x = 1\n")
+    Running(settings, store).stop()  # baseline: old.py has a shadow copy
+    shadow = ShadowStore(settings.memory.shadow_dir)
+    secret = f"KEY = '{AWS_KEY}'\n".encode()
+    shadow.put(secret, "ab" * 32)  # as an older Gremlin left it: raw content
+    store.set_marker("shadow.redaction", "older")
+    with caplog.at_level(logging.INFO, logger="self_mutation_watcher.watcher"):
+        Running(settings, store).stop()
+    assert _home_bytes_holding(home, AWS_KEY.encode()) == []
+    assert shadow.path("ab" * 32).read_bytes() == b"KEY = '[REDACTED:aws_access_key]'\n"
+    assert any(getattr(rec, "copies", 0) == 1 for rec in caplog.records)
