@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agent_core.control import ControlServer
 from config.errors import GremlinError
-from config.settings import notify_socket
+from config.settings import notify_socket, secure_home
 from memory.service import EmbedQueue, Memory
 from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
@@ -143,6 +143,7 @@ class Daemon:
         """Start everything, serve until stopped, shut down cleanly; returns the exit code."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        os.umask(0o077)  # whatever it writes (models, datasets, indexes) is its user's alone
         with ExitStack() as stack:
             lock = PidLock(lock_path(self.settings))
             lock.acquire()
@@ -164,6 +165,10 @@ class Daemon:
     def _start(self, stack: ExitStack) -> None:
         s = self.settings
         t0 = time.monotonic()
+        tightened = secure_home(s)
+        if tightened:
+            logger.warning("made the home private: folders 0700, files 0600 (other users could read them)",
+                           extra={"paths": len(tightened), "examples": [str(p) for p in tightened[:5]]})
         self.store = Store(s.memory.db, s.memory.synchronous)
         stack.callback(self.store.close)
         recover_interrupted_runs(s, self.store)  # before the model pointer is read

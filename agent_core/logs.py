@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from config.settings import PRIVATE_DIR, PRIVATE_FILE
 from memory.paths import display_path
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged.
@@ -73,7 +75,7 @@ def configure_logging(settings, console: bool = True, files: bool = True) -> Pat
     for noisy in ("watchdog", "sentence_transformers", "transformers", "urllib3", "filelock", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if files:
-        system.mkdir(parents=True, exist_ok=True)
+        system.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         root.addHandler(_rotating(system / "gremlin.log", settings, JsonFormatter()))
         audit = logging.getLogger(AUDIT_LOGGER)
         audit.propagate = False
@@ -90,8 +92,16 @@ def configure_logging(settings, console: bool = True, files: bool = True) -> Pat
     return system
 
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file that only its owner may read (mode 0600, rotated files too)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def _rotating(path: Path, settings, formatter: logging.Formatter) -> logging.Handler:
-    handler = logging.handlers.RotatingFileHandler(
+    handler = _PrivateRotatingFileHandler(
         path, maxBytes=settings.logging.max_bytes, backupCount=settings.logging.backup_count,
         encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(formatter)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / CONFIG_NAME
 SOURCE_PACKAGES = ("config", "memory", "self_mutation_watcher", "self_training", "agents",
                    "agent_core", "tools", "dashboard")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # the modes of the home's folders and files
 # The folders every home has (DESIGN.md layout).
 HOME_DIRS = ("config", "run", "run/checkpoints", "data", "data/logs/system", "data/logs/modules",
              "data/logs/services", "data/logs/applications", "data/nlp_training_sets")
@@ -246,14 +248,44 @@ def notify_socket() -> str | None:
 
 
 def init_home(home: Path) -> Path:
-    """Create a home's folders and a copy of the default config (kept if present); return its config."""
+    """Create a home's folders (mode 0700) and a copy of the default config (kept if present);
+    return its config."""
     home = Path(home).expanduser().resolve()
     target = home / "config" / CONFIG_NAME
     for sub in HOME_DIRS:
-        (home / sub).mkdir(parents=True, exist_ok=True)
+        (home / sub).mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     if not target.exists():
         shutil.copyfile(DEFAULT_CONFIG, target)
     return target
+
+
+def secure_home(settings: Settings) -> list[Path]:
+    """Make the home's state private: folders under run/ and data/ 0700, files 0600 (those of
+    this user; symlinks are not followed). Returns the paths whose mode was changed."""
+    changed: list[Path] = []
+    state = [settings.run_dir, settings.data_dir, settings.memory.index_dir, settings.memory.shadow_dir,
+             settings.logging.dir / "system"]
+    for top in dict.fromkeys(state):
+        if top.is_dir():
+            changed += _tighten(top)
+            for folder, dirs, files in os.walk(top):
+                changed += [p for name in dirs + files for p in _tighten(Path(folder) / name)]
+    db = settings.memory.db
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        changed += _tighten(path)
+    return changed
+
+
+def _tighten(path: Path) -> list[Path]:
+    """[path] when its group/other permission bits had to be removed, else []."""
+    try:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or not st.st_mode & 0o077:
+            return []
+        os.chmod(path, PRIVATE_DIR if stat.S_ISDIR(st.st_mode) else st.st_mode & 0o700)
+    except OSError:  # gone meanwhile, or not ours to change
+        return []
+    return [path]
 
 
 def load_settings(home: Path | str | None = None) -> Settings:

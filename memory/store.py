@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from config.settings import PRIVATE_DIR, PRIVATE_FILE
 from memory.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -242,7 +244,8 @@ class Store:
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                        check_same_thread=False, isolation_level=None)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+                os.close(os.open(self.path, os.O_CREAT | os.O_RDONLY, PRIVATE_FILE))  # its -wal and -shm take its mode
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={synchronous}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +30,17 @@ def test_installed_script_and_help():
     assert "--kind" in run("search", "--help").output
 
 
-def test_init_creates_a_home(tmp_path: Path):
-    result = run("init", str(tmp_path / "h"))
+def test_init_creates_a_private_home(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        result = run("init", str(tmp_path / "h"))
+    finally:
+        os.umask(old)
     assert result.exit_code == 0 and "home ready" in result.output
     assert (tmp_path / "h" / "config" / "gremlin.toml").is_file()
     assert load_settings(tmp_path / "h").home == tmp_path / "h"
+    for folder in ("data", "run", "data/logs/system", "run/checkpoints"):
+        assert (tmp_path / "h" / folder).stat().st_mode & 0o777 == 0o700
 
 
 def test_status_of_a_home_whose_daemon_is_not_running(home: Path, watched: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -144,3 +145,36 @@ def test_a_missing_watch_path_is_a_clear_error_at_start(tmp_path: Path, project:
     assert result.returncode == 1
     assert f"watched path {tmp_path / 'typo'} does not exist" in result.stderr
     assert status(home)["running"] is False
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_the_home_is_private_whatever_the_umask(tmp_path: Path, project: Path):
+    old = os.umask(0o022)  # the usual default: 0755 folders, 0644 files
+    try:
+        home = make_home(tmp_path, project)
+        for folder in ("data", "run", "data/logs/system"):
+            (home / folder).chmod(0o755)  # a home made by an older Gremlin
+        Store(home / "data" / "gremlin.db").close()
+        (home / "data" / "gremlin.db").chmod(0o644)
+        proc = start_daemon(home)
+        try:
+            wait_ready(home, proc)
+            (project / "settings.py").write_text("TIMEOUT = 60\nRETRIES = 3\n")
+            wait_for(lambda: status(home)["counts"]["events"] == 1, 30, what="the change")
+            assert _mode(home / "data" / "gremlin.db-wal") == 0o600  # open: the WAL is there
+        finally:
+            assert stop(proc) == 0
+    finally:
+        os.umask(old)
+    for folder in ("data", "run", "data/logs/system", "data/memory", "data/shadow"):
+        assert _mode(home / folder) == 0o700, folder
+    system = home / "data" / "logs" / "system"
+    for file in (home / "data" / "gremlin.db", system / "gremlin.log", system / "bootstrap.log",
+                 *(home / "data" / "memory").iterdir()):
+        assert _mode(file) == 0o600, file
+    lines = [json.loads(line) for line in (system / "gremlin.log").read_text().splitlines()]
+    [tightened] = [r for r in lines if r["msg"].startswith("made the home private")]
+    assert tightened["paths"] >= 4
