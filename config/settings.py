@@ -1,7 +1,7 @@
 """Load `config/gremlin.toml` into one frozen dataclass tree and validate it.
 
 Every error names the file, the key and what to do. Environment variables are read
-here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `XDG_DATA_HOME`).
+here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `XDG_DATA_HOME`, `XDG_RUNTIME_DIR`).
 """
 
 from __future__ import annotations
@@ -240,6 +240,12 @@ def default_home() -> Path:
         return REPO_ROOT
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "gremlin"
+
+
+def runtime_dir() -> str | None:
+    """`$XDG_RUNTIME_DIR` when it names a folder (the user's private runtime folder), else None."""
+    path = os.environ.get("XDG_RUNTIME_DIR")
+    return path if path and os.path.isdir(path) else None
 
 
 def notify_socket() -> str | None:
