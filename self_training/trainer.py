@@ -39,7 +39,7 @@ from memory.vector_store.embedder import (
     model_fingerprint,
     resolve_current_model,
 )
-from memory.vector_store.index import index_path
+from memory.vector_store.index import index_path, remove_index
 from self_training.evaluate import evaluate_encoder, gate
 from self_training.feedback_loop import (
     Trigger,
@@ -455,7 +455,7 @@ def prune_models(settings, store: Store) -> list[str]:
         for model in [m for m in trained if m["status"] == status][keep:]:
             _drop_weights(Path(model["path"]))
             store.delete_vectors(model["id"])
-            index_path(settings.memory.index_dir, model["id"]).unlink(missing_ok=True)
+            remove_index(index_path(settings.memory.index_dir, model["id"]))
             store.set_model_status(model["id"], "pruned")
             pruned.append(model["id"])
     if pruned:

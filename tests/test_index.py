@@ -51,7 +51,7 @@ def test_save_is_atomic_and_load_gives_the_same_answers(tmp_path: Path, filled):
     store, ids, vectors = filled
     index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
     index.save()
-    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["m1.faiss"]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["m1.faiss", "m1.faiss.sha256"]
     loaded = VectorIndex(index_path(tmp_path / "idx", "m1"), "m1", DIM,
                          faiss.read_index(str(tmp_path / "idx" / "m1.faiss")))
     assert loaded.search(vectors[3], 4) == index.search(vectors[3], 4)
@@ -75,6 +75,37 @@ def test_missing_or_corrupt_index_files_are_rebuilt(tmp_path: Path, filled):
     path.write_bytes(b"garbage" * 50)
     index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
     assert index.ntotal == 20 and index.search(vectors[0], 1)[0][0] == ids[0]
+
+
+def test_an_index_whose_vector_bytes_were_overwritten_is_rebuilt(tmp_path: Path, filled, caplog):
+    store, ids, vectors = filled
+    VectorIndex.open(tmp_path / "idx", "m1", DIM, store).save()
+    path = index_path(tmp_path / "idx", "m1")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 3  # inside the float32 vectors; the ids at the end stay intact
+    data[middle:middle + 64] = b"\x7f" * 64
+    path.write_bytes(bytes(data))
+    assert faiss.read_index(str(path)).ntotal == 20  # FAISS itself reads it without a word
+    with caplog.at_level("WARNING"):
+        index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    assert "its bytes were damaged" in caplog.records[0].problem
+    for i in range(20):
+        [(found, score)] = index.search(vectors[i], 1)
+        assert found == ids[i] and score == pytest.approx(1.0, abs=1e-5)
+    index.save()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        VectorIndex.open(tmp_path / "idx", "m1", DIM, store)
+    assert caplog.text == ""  # a good file with its checksum loads quietly
+
+
+def test_an_index_without_its_checksum_is_rebuilt(tmp_path: Path, filled, caplog):
+    store, ids, vectors = filled
+    VectorIndex.open(tmp_path / "idx", "m1", DIM, store).save()
+    (tmp_path / "idx" / "m1.faiss.sha256").unlink()
+    with caplog.at_level("WARNING"):
+        assert VectorIndex.open(tmp_path / "idx", "m1", DIM, store).ntotal == 20
+    assert "no readable checksum" in caplog.records[0].problem
 
 
 def test_an_index_of_another_dimension_is_rebuilt(tmp_path: Path, filled):

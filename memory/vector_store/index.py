@@ -2,11 +2,13 @@
 
 The index is a cache: the vectors themselves are committed to the `vectors` table first,
 so a missing, stale or corrupt index file is rebuilt from the database without
-re-encoding anything.
+re-encoding anything. Each file has its sha256 beside it (`<id>.faiss.sha256`, written
+after the file), so damaged bytes are found at load, not served as silently wrong vectors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -20,9 +22,24 @@ from memory.store import Store
 logger = logging.getLogger(__name__)
 
 
+CHECKSUM_SUFFIX = ".sha256"
+READ_CHUNK = 1 << 20
+
+
 def index_path(index_dir: Path, model_id: str) -> Path:
     """Where the index of one model lives."""
     return Path(index_dir) / f"{model_id}.faiss"
+
+
+def checksum_path(path: Path) -> Path:
+    """The file holding the sha256 of an index file."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def remove_index(path: Path) -> None:
+    """Delete an index file and its checksum."""
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
 
 
 class VectorIndex:
@@ -111,11 +128,18 @@ class VectorIndex:
             data = faiss.serialize_index(self._index)
             self.dirty = False
         write_bytes_atomically(self.path, memoryview(data))
+        # After the file: a crash in between leaves a mismatch, which means "rebuild", never a wrong index.
+        write_bytes_atomically(checksum_path(self.path), hashlib.sha256(memoryview(data)).hexdigest().encode())
 
 
 def _read_index(path: Path, dim: int):
     """The saved index, or None when it is missing, unreadable or of another size."""
     if not path.exists():
+        return None
+    problem = _checksum_problem(path)
+    if problem:
+        logger.warning("index file cannot be trusted, rebuilding it from the database",
+                       extra={"path": str(path), "problem": problem})
         return None
     try:
         index = faiss.read_index(str(path))
@@ -128,4 +152,20 @@ def _read_index(path: Path, dim: int):
                        extra={"path": str(path), "dim": index.d, "expected_dim": dim})
         return None
     return index
+
+
+def _checksum_problem(path: Path) -> str | None:
+    """Why the file cannot be trusted (no checksum, or bytes that do not match it), or None."""
+    try:
+        expected = checksum_path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return "has no readable checksum (written by an older Gremlin, or cut short)"
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(READ_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    return None if digest.hexdigest() == expected else "does not match its checksum (its bytes were damaged)"
 
