@@ -25,7 +25,7 @@ from config.settings import notify_socket, secure_home
 from memory.service import EmbedQueue, Memory
 from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
-from self_mutation_watcher.watcher import Watcher
+from self_mutation_watcher.watcher import Watcher, require_roots
 from self_training.feedback_loop import FeedbackLoop, parse_trigger, trigger_path, write_trigger_atomically
 from self_training.generate_dataset import NewPairCounter
 from self_training.replay import GitSync
@@ -165,6 +165,7 @@ class Daemon:
     def _start(self, stack: ExitStack) -> None:
         s = self.settings
         t0 = time.monotonic()
+        require_roots(s)  # before the model loads: a typo in a root costs no wait
         tightened = secure_home(s)
         if tightened:
             logger.warning("made the home private: folders 0700, files 0600 (other users could read them)",

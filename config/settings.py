@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -147,7 +148,7 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingSettings,
     "dashboard": DashboardSettings,
 }
-# Allowed values and lower bounds, checked after types: (section, key) -> rule.
+# Allowed values, checked after types: (section, key) -> choices.
 CHOICES = {
     ("model", "device"): ("auto", "cpu", "cuda"),
     ("memory", "synchronous"): ("NORMAL", "FULL"),
@@ -155,25 +156,29 @@ CHOICES = {
     ("training", "device"): ("auto", "cpu", "cuda"),
     ("training", "precision"): ("auto", "fp32", "fp16", "bf16"),
 }
-MINIMUMS = {
-    ("watch", "debounce_ms"): 0, ("watch", "max_wait_ms"): 0,
-    ("watch", "max_file_bytes"): 1, ("watch", "max_diff_bytes"): 1,
-    ("watch", "reconcile_interval_s"): 0, ("watch", "log_repeat_window_s"): 0,
-    ("watch", "drift_window"): 1, ("watch", "drift_threshold"): 0,
-    ("model", "batch_size"): 0, ("model", "max_seq_length"): 8,
-    ("memory", "index_save_interval_s"): 0, ("memory", "memory_chars"): 64,
-    ("logging", "max_bytes"): 1024, ("logging", "backup_count"): 0,
-    ("dashboard", "port"): 1,
-    ("training", "min_logic_changes"): 1, ("training", "confidence_threshold"): 0,
-    ("training", "confidence_window"): 1, ("training", "cooldown_s"): 0,
-    ("training", "min_new_pairs"): 0, ("training", "check_interval_s"): 1,
-    ("training", "poll_interval_s"): 0.1, ("training", "pair_window_s"): 0,
-    ("training", "heldout_fraction"): 0.05, ("training", "min_train_pairs"): 2,
-    ("training", "min_heldout_pairs"): 2, ("training", "max_pairs"): 4,
-    ("training", "epochs"): 1, ("training", "max_steps"): 0, ("training", "batch_size"): 2,
-    ("training", "mini_batch_size"): 0, ("training", "learning_rate"): 0,
-    ("training", "warmup_ratio"): 0, ("training", "max_seq_length"): 8,
-    ("training", "keep_models"): 1, ("training", "tolerance"): 0,
+DAY_S, MIB = 86_400, 1 << 20
+# Every number's range (inclusive), checked at load, before anything slow starts: (section, key) -> (min, max).
+RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    ("watch", "debounce_ms"): (0, 60_000), ("watch", "max_wait_ms"): (0, 600_000),
+    ("watch", "max_file_bytes"): (1, 1024 * MIB), ("watch", "max_diff_bytes"): (1, 64 * MIB),
+    ("watch", "reconcile_interval_s"): (0, 7 * DAY_S), ("watch", "log_repeat_window_s"): (0, 30 * DAY_S),
+    ("watch", "drift_window"): (1, 100_000), ("watch", "drift_threshold"): (0, 2),
+    ("model", "batch_size"): (0, 4096), ("model", "max_seq_length"): (8, 8192),
+    ("memory", "index_save_interval_s"): (0, DAY_S), ("memory", "memory_chars"): (64, 1_000_000),
+    ("logging", "max_bytes"): (1024, 10 * 1024 * MIB), ("logging", "backup_count"): (0, 1000),
+    ("dashboard", "port"): (1, 65_535),
+    ("training", "min_logic_changes"): (1, 1_000_000), ("training", "confidence_threshold"): (0, 1),
+    ("training", "confidence_window"): (1, 100_000), ("training", "reward_threshold"): (0, 1),
+    ("training", "cooldown_s"): (0, 30 * DAY_S), ("training", "min_new_pairs"): (0, 1_000_000),
+    ("training", "check_interval_s"): (1, DAY_S), ("training", "poll_interval_s"): (0.1, DAY_S),
+    ("training", "pair_window_s"): (0, 30 * DAY_S), ("training", "heldout_fraction"): (0.05, 0.5),
+    ("training", "min_train_pairs"): (2, 1_000_000), ("training", "min_heldout_pairs"): (2, 1_000_000),
+    ("training", "max_pairs"): (4, 10_000_000), ("training", "epochs"): (1, 1000),
+    ("training", "max_steps"): (0, 10_000_000), ("training", "batch_size"): (2, 65_536),
+    ("training", "mini_batch_size"): (0, 65_536), ("training", "learning_rate"): (1e-9, 1),
+    ("training", "warmup_ratio"): (0, 1), ("training", "max_seq_length"): (8, 8192),
+    ("training", "seed"): (0, 2**32 - 1), ("training", "min_gain"): (0, 1), ("training", "tolerance"): (0, 1),
+    ("training", "keep_models"): (1, 1000),
 }
 
 
@@ -375,9 +380,15 @@ def _check_rules(section: str, key: str, value, where: str) -> None:
     choices = CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)} (got {value!r})")
-    minimum = MINIMUMS.get((section, key))
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where} must be at least {minimum} (got {value!r})")
+    bounds = RANGES.get((section, key))
+    if bounds is not None and not (math.isfinite(value) and bounds[0] <= value <= bounds[1]):
+        raise ConfigError(f"{where} must be a number from {_number(bounds[0])} to {_number(bounds[1])} "
+                          f"(got {value!r}); "
+                          "fix the value or delete the line to use the default")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
 
 
 def _resolve_paths(obj, home: Path):

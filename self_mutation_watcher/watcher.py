@@ -142,6 +142,19 @@ class PathFilter:
         return False
 
 
+def require_roots(settings, path_filter: PathFilter | None = None) -> None:
+    """Raise WatchError naming the first watched path that is not a folder (checked before
+    the daemon loads its model, so a typo costs no wait)."""
+    path_filter = path_filter or PathFilter(settings, settings.watch_roots)
+    for root in path_filter.roots:
+        if root.is_dir():
+            continue
+        where = "log_files" if root in path_filter.file_roots else "roots"
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise WatchError(f"watched path {display_path(root)} {what}; give the folder to watch (create it if "
+                         f"needed), or remove it from [watch] {where} in {settings.config_file} (or from --watch)")
+
+
 def load_gitignore(root: Path, exclude: pathspec.GitIgnoreSpec) -> pathspec.GitIgnoreSpec:
     """Every .gitignore under `root` (and .git/info/exclude) as one spec relative to the root."""
     lines: list[str] = []
@@ -265,12 +278,7 @@ class Watcher:
 
     def start(self) -> None:
         """Check the roots, start observing, then reconcile every root in the worker."""
-        for root in self.roots:
-            if not root.is_dir():
-                where = "log_files" if root in self.filter.file_roots else "roots"
-                raise WatchError(f"watched path {root} does not exist or is not a directory; "
-                                 f"create it, or remove it from [watch] {where} in "
-                                 f"{self.settings.config_file} (or from --watch)")
+        require_roots(self.settings, self.filter)
         self._redact_shadow_copies()
         self._started_ns = time.time_ns()
         self._root_ids = {root: root_identity(root) for root in self.roots}

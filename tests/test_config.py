@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from agent_core.cli import main
 from config.errors import ConfigError
-from config.settings import DEFAULT_CONFIG, Settings, init_home, load_settings, parse_settings
+from config.settings import DEFAULT_CONFIG, RANGES, SECTIONS, Settings, init_home, load_settings, parse_settings
 from tests.conftest import write_config
 
 
@@ -41,7 +41,13 @@ def test_relative_paths_resolve_against_the_home(tmp_path: Path):
     ("[watch]\nroots = \"src\"\n", "[watch] roots must be a list of a path string"),
     ("[watch]\nown_source = 1\n", "[watch] own_source must be true or false"),
     ("[model]\ndevice = \"tpu\"\n", "[model] device must be one of auto, cpu, cuda"),
-    ("[model]\nbatch_size = -1\n", "[model] batch_size must be at least 0"),
+    ("[model]\nbatch_size = -1\n", "[model] batch_size must be a number from 0 to 4096 (got -1)"),
+    ("[training]\npoll_interval_s = nan\n", "[training] poll_interval_s must be a number from 0.1 to 86400 (got nan)"),
+    ("[watch]\nreconcile_interval_s = inf\n", "[watch] reconcile_interval_s must be a number from 0 to 604800 (got inf)"),
+    ("[training]\nheldout_fraction = 5.0\n", "[training] heldout_fraction must be a number from 0.05 to 0.5"),
+    ("[dashboard]\nport = 70000\n", "[dashboard] port must be a number from 1 to 65535 (got 70000)"),
+    ("[watch]\ndebounce_ms = 9999999999999\n", "[watch] debounce_ms must be a number from 0 to 60000"),
+    ("[training]\nlearning_rate = -inf\n", "[training] learning_rate must be a number from 1e-09 to 1"),
     ("watch = 3\n", "[watch] must be a table"),
 ])
 def test_invalid_config_names_the_problem(tmp_path: Path, text: str, expected: str):
@@ -88,3 +94,12 @@ def test_cli_exits_1_before_starting_on_a_bad_config(tmp_path: Path):
     assert result.exit_code == 1
     assert "[watch] max_file_bytes must be an integer" in result.output
     assert not (tmp_path / "data" / "gremlin.db").exists()
+
+
+def test_every_number_in_the_config_has_a_range():
+    numbers = {(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+               if f.type in ("int", "float", int, float)}
+    assert numbers == set(RANGES), "give every numeric key a range in config.settings.RANGES"
+    for (section, key), (low, high) in RANGES.items():
+        default = getattr(SECTIONS[section](), key)
+        assert low <= default <= high, (section, key)

@@ -145,6 +145,11 @@ def test_a_missing_watch_path_is_a_clear_error_at_start(tmp_path: Path, project:
     assert result.returncode == 1
     assert f"watched path {tmp_path / 'typo'} does not exist" in result.stderr
     assert status(home)["running"] is False
+    (tmp_path / "notes.txt").write_text("a file\n")
+    result = gremlin("daemon", "--watch", str(tmp_path / "notes.txt"), home=home, check=False, timeout=120)
+    assert result.returncode == 1 and f"watched path {tmp_path / 'notes.txt'} is a file, not a folder" in result.stderr
+    log = (home / "data" / "logs" / "system" / "gremlin.log").read_text()
+    assert "model loaded" not in log and "database migrated" not in log  # checked before anything slow
 
 
 def _mode(path: Path) -> int:
