@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from config.errors import GremlinError
 from config.settings import init_home, load_settings
+from memory.paths import display_path
 
 console = Console()
 
@@ -22,14 +24,24 @@ SCORE_NAMES = {"hybrid": "rrf", "dense": "cosine", "lexical": "bm25"}
 
 
 class GremlinGroup(click.Group):
-    """Turns GremlinError from any command into `error: ...` and exit code 1."""
+    """Turns GremlinError from any command into `error: ...` and exit code 1 (usage errors keep
+    click's exit code 2). A file system or database failure no code path foresaw is one line too."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except GremlinError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            _fail(str(exc))
+        except OSError as exc:
+            where = f" ({display_path(exc.filename)})" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}; check that the path exists and this user may use it")
+        except sqlite3.Error as exc:
+            _fail(f"database: {exc}; see `gremlin status`, and the log in data/logs/system/gremlin.log")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {display_path(message)}", err=True)
+    sys.exit(1)
 
 
 def _settings(ctx: click.Context):

@@ -16,6 +16,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from config.errors import ConfigError
 from config.settings import PRIVATE_DIR, PRIVATE_FILE
 from memory.paths import display_path
 
@@ -64,32 +65,49 @@ class ConsoleFormatter(logging.Formatter):
         return _escape_surrogates(line)
 
 
+# Libraries whose INFO lines say nothing an operator needs (APScheduler logs every job run).
+QUIET_LOGGERS = ("watchdog", "sentence_transformers", "transformers", "urllib3", "filelock", "faiss", "apscheduler")
+
+
 def configure_logging(settings, console: bool = True, files: bool = True) -> Path:
     """Install the handlers for this process; returns the system log folder."""
     system = Path(settings.logging.dir) / "system"
+    main_file, audit_file = _file_handlers(system, settings) if files else (None, None)
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    _replace_handlers(root, main_file)
     root.setLevel(settings.logging.level)
-    for noisy in ("watchdog", "sentence_transformers", "transformers", "urllib3", "filelock", "faiss"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if files:
-        system.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        root.addHandler(_rotating(system / "gremlin.log", settings, JsonFormatter()))
+    if audit_file:
         audit = logging.getLogger(AUDIT_LOGGER)
         audit.propagate = False
         audit.setLevel(logging.INFO)
-        for handler in list(audit.handlers):
-            audit.removeHandler(handler)
-            handler.close()
-        audit.addHandler(_rotating(system / "bootstrap.log", settings, JsonFormatter()))
+        _replace_handlers(audit, audit_file)
     if console:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(ConsoleFormatter())
         root.addHandler(handler)
     logging.captureWarnings(True)
     return system
+
+
+def _file_handlers(system: Path, settings) -> tuple[logging.Handler, logging.Handler]:
+    """The handlers of gremlin.log and bootstrap.log; ConfigError when the folder is not writable."""
+    try:
+        system.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        return (_rotating(system / "gremlin.log", settings, JsonFormatter()),
+                _rotating(system / "bootstrap.log", settings, JsonFormatter()))
+    except OSError as exc:
+        raise ConfigError(f"cannot write log files in {system}: {exc.strerror or exc}; give this user write "
+                          f"permission there, or set [logging] dir in {settings.config_file}") from exc
+
+
+def _replace_handlers(logger: logging.Logger, handler: logging.Handler | None) -> None:
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
+    if handler is not None:
+        logger.addHandler(handler)
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):

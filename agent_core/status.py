@@ -7,7 +7,7 @@ import logging
 from agent_core.control import DaemonUnavailable, request
 from agent_core.daemon import RECENT_EVENTS, running_pid
 from memory.service import Memory
-from memory.errors import StoreError
+from memory.errors import StoreNotReady
 from memory.store import Store
 from self_training.trainer import last_run
 from memory.vector_store.embedder import Embedder, model_fingerprint, resolve_current_model
@@ -31,7 +31,7 @@ def collect_status(settings) -> dict:
     if settings.memory.db.exists():
         try:
             store = Store(settings.memory.db, readonly=True)
-        except StoreError as exc:
+        except StoreNotReady as exc:  # a daemon is making it right now
             info["note"] = str(exc)
             return info
         try:

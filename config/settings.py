@@ -29,7 +29,7 @@ SOURCE_PACKAGES = ("config", "memory", "self_mutation_watcher", "self_training",
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # the modes of the home's folders and files
 # The folders every home has (DESIGN.md layout).
-HOME_DIRS = ("config", "run", "run/checkpoints", "data", "data/logs/system", "data/logs/modules",
+HOME_DIRS = ("config", "run", "run/checkpoints", "data", "data/logs", "data/logs/system", "data/logs/modules",
              "data/logs/services", "data/logs/applications", "data/nlp_training_sets")
 # Version control, caches, editor temp files and likely secrets (kept out of memory).
 DEFAULT_EXCLUDE = (
@@ -263,10 +263,16 @@ def init_home(home: Path) -> Path:
     return its config."""
     home = Path(home).expanduser().resolve()
     target = home / "config" / CONFIG_NAME
-    for sub in HOME_DIRS:
-        (home / sub).mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-    if not target.exists():
-        shutil.copyfile(DEFAULT_CONFIG, target)
+    try:
+        for sub in HOME_DIRS:
+            (home / sub).mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        if not target.exists():
+            shutil.copyfile(DEFAULT_CONFIG, target)
+    except OSError as exc:
+        raise ConfigError(f"cannot make a home at {home}: {exc.strerror or exc} ({exc.filename or home}); "
+                          "choose a folder this user may write, not inside a file") from exc
+    if not target.is_file():
+        raise ConfigError(f"{target} is not a file (a folder?); remove it, then run: gremlin init {home}")
     return target
 
 
@@ -303,6 +309,8 @@ def load_settings(home: Path | str | None = None) -> Settings:
     """Read and validate `<home>/config/gremlin.toml`; raise ConfigError naming the key."""
     home = Path(home).expanduser().resolve() if home else default_home()
     config_file = home / "config" / CONFIG_NAME
+    if config_file.exists() and not config_file.is_file():
+        raise ConfigError(f"{config_file} is not a file (a folder?); remove it, then run: gremlin init {home}")
     if not config_file.is_file():
         raise ConfigError(f"no Gremlin home at {home} (missing {config_file}); "
                           f"create one with: gremlin init {home}")

@@ -11,6 +11,10 @@ class StoreError(MemoryLayerError):
     """The database cannot be opened, migrated or written."""
 
 
+class StoreNotReady(StoreError):
+    """The database is still being made by a starting daemon (try again in a moment)."""
+
+
 class ModelError(MemoryLayerError):
     """The embedding model cannot be found or loaded."""
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from config.settings import PRIVATE_DIR, PRIVATE_FILE
-from memory.errors import StoreError
+from memory.errors import StoreError, StoreNotReady
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,11 @@ class Store:
         self.readonly = readonly
         self._lock = threading.RLock()
         self._conn = self._connect(synchronous)
-        if not readonly:
-            self._migrate()
-        elif self._query("PRAGMA user_version")[0][0] < SCHEMA_VERSION:
+        try:
+            self._migrate() if not readonly else self._check_readable()
+        except BaseException:
             self._conn.close()
-            raise StoreError(f"the database at {self.path} is not initialised yet (a daemon is "
-                             "starting, or it was made by an older Gremlin); try again in a moment")
+            raise
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         try:
@@ -252,23 +251,54 @@ class Store:
             conn.text_factory = _decode_text
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unusable(exc) from exc
         conn.row_factory = sqlite3.Row
         return conn
 
+    def _unusable(self, exc: BaseException) -> StoreError:
+        """A StoreError that says what is wrong with the database file and what to do."""
+        text = str(exc)
+        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in text:
+            return StoreError(f"{self.path} is not a SQLite database (it is damaged, or another file took its "
+                              "name); move it away and start the daemon to make a new one")
+        if "readonly" in text or isinstance(exc, PermissionError):
+            return StoreError(f"cannot write the database {self.path} ({text}); give this user write permission "
+                              "on it and its folder, or set [memory] db to a writable place")
+        return StoreError(f"cannot use the database {self.path}: {text}; check the file and its folder "
+                          "(ls -l), and that the disk is not full")
+
+    def _check_readable(self) -> None:
+        """A reader needs a database the daemon has made (and finished migrating)."""
+        try:
+            version = self._query("PRAGMA user_version")[0][0]
+            tables = {r[0] for r in self._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from exc
+        if version >= SCHEMA_VERSION and not {"events", "memories", "markers"} <= tables:
+            raise StoreError(f"{self.path} lacks Gremlin's tables (it is another program's database); "
+                             "set [memory] db to another file, or move it away")
+        if version < SCHEMA_VERSION:
+            raise StoreNotReady(f"the database at {self.path} is not initialised yet (a daemon is "
+                             "starting, or it was made by an older Gremlin); try again in a moment")
+
     def _migrate(self) -> None:
         with self._lock:
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {version}, newer than this "
-                                 f"Gremlin ({SCHEMA_VERSION}); upgrade Gremlin")
-            for number in range(version, SCHEMA_VERSION):
-                with self.transaction() as conn:
-                    for statement in _split_sql(MIGRATIONS[number]):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={number + 1}")
-                logger.info("database migrated", extra={"db": str(self.path), "version": number + 1})
+            try:
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(f"{self.path} has schema version {version}, newer than this "
+                                     f"Gremlin ({SCHEMA_VERSION}); upgrade Gremlin")
+                for number in range(version, SCHEMA_VERSION):
+                    with self.transaction() as conn:
+                        for statement in _split_sql(MIGRATIONS[number]):
+                            conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version={number + 1}")
+                    logger.info("database migrated", extra={"db": str(self.path), "version": number + 1})
+                with self.transaction() as conn:  # a write now, not at the first event: is it writable?
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except sqlite3.Error as exc:
+                raise self._unusable(exc) from exc
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed by SQLite on the last close)."""

@@ -93,8 +93,20 @@ def test_read_only_store_cannot_write_and_needs_a_database(tmp_path: Path):
 
 def test_a_corrupt_database_gives_a_clear_error(tmp_path: Path):
     (tmp_path / "g.db").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StoreError, match="cannot open database"):
-        Store(tmp_path / "g.db")
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="g.db is not a SQLite database .* move it away"):
+            Store(tmp_path / "g.db", readonly=readonly)
+
+
+def test_another_programs_database_is_named_as_such(tmp_path: Path):
+    conn = sqlite3.connect(tmp_path / "other.db")
+    conn.execute("CREATE TABLE customers (name)")
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    with pytest.raises(StoreError, match="lacks Gremlin's tables"):
+        Store(tmp_path / "other.db", readonly=True)
+    with pytest.raises(StoreError, match="newer than this Gremlin"):
+        Store(tmp_path / "other.db")
 
 
 def test_a_reader_of_a_database_still_being_created_gets_a_clear_error(tmp_path: Path):
