@@ -207,7 +207,7 @@ class Daemon:
                 ("git.sync", GitSync(store, self.settings).run, cfg.check_interval_s),
                 ("memory.catch_up", self._catch_up_new, CATCH_UP_INTERVAL_S))
         for job_id, func, seconds in jobs:
-            self.scheduler.add_job(_guarded(job_id, func), "interval", seconds=seconds, id=job_id)
+            self.scheduler.add_job(_guarded(job_id, func), "interval", seconds=seconds, id=job_id, name=job_id)
         self.scheduler.start()
         stack.callback(self.scheduler.shutdown)  # waits for a running job; the trainer stops at its next step
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from memory.store import Store
-from tests.conftest import gremlin, make_home, start_daemon, wait_for
+from tests.conftest import gremlin, make_home, start_daemon, wait_for, write_config
 
 READY_S = 120
 
@@ -183,3 +183,20 @@ def test_the_home_is_private_whatever_the_umask(tmp_path: Path, project: Path):
     lines = [json.loads(line) for line in (system / "gremlin.log").read_text().splitlines()]
     [tightened] = [r for r in lines if r["msg"].startswith("made the home private")]
     assert tightened["paths"] >= 4
+
+
+def test_an_idle_daemon_keeps_its_log_quiet(tmp_path: Path, project: Path):
+    home = make_home(tmp_path, project)
+    write_config(home, watch={"roots": [str(project)], "own_source": False},
+                 training={"check_interval_s": 1.0, "poll_interval_s": 0.2})
+    proc = start_daemon(home)
+    try:
+        wait_ready(home, proc)
+        time.sleep(6)  # 30 trainer polls, 6 rule checks, 6 git syncs
+    finally:
+        assert stop(proc) == 0
+    lines = [json.loads(line) for line in (home / "data" / "logs" / "system" / "gremlin.log").read_text().splitlines()]
+    ready = next(i for i, r in enumerate(lines) if r["msg"] == "daemon ready")
+    idle = [r["msg"] for r in lines[ready + 1:] if r["msg"] not in ("stop requested", "daemon stopping")]
+    assert idle in (["watcher stopped", "daemon stopped"],
+                    ["baseline of a new root recorded", "watcher stopped", "daemon stopped"]), idle
