@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from config.errors import GremlinError
 from config.settings import init_home, load_settings
@@ -117,26 +118,50 @@ def status(ctx: click.Context, as_json: bool) -> None:
 def search(ctx: click.Context, query: str, k: int, kind: str | None, mode: str, as_json: bool) -> None:
     """Find the memories (diffs, failures) that best match QUERY, by meaning and by words.
 
-    Uses the running daemon when there is one; otherwise loads the model here (slower).
+    Uses the running daemon when there is one; otherwise searches here (dense and hybrid
+    load the model first, a few seconds; lexical needs no model). On a terminal each hit is
+    a heading and its first changed lines; piped, each hit is one tab-separated line:
+    score, kind, path, time, preview.
     """
-    from agent_core.status import search_memory
+    from agent_core.status import search_memory, why_nothing_found
 
-    hits = search_memory(_settings(ctx), query, k, kind, mode)
+    if not query.strip():
+        raise click.BadParameter("the query is empty; search for some words, an identifier or an error message",
+                                 param_hint="QUERY")
+    settings = _settings(ctx)
+    hits = search_memory(settings, query, k, kind, mode)
     if as_json:
         click.echo(json.dumps(hits, indent=2))
-        return
-    if not hits:
-        console.print("no memories yet: change a watched file while the daemon runs")
-        return
-    table = Table(show_lines=True)
-    for column in (f"score ({SCORE_NAMES[mode]})", "kind", "path", "time", "preview"):
-        table.add_column(column, overflow="fold")
+    elif not hits:
+        console.print(why_nothing_found(settings, mode, kind), highlight=False, soft_wrap=True)
+    elif console.is_terminal:
+        _print_hits(hits, SCORE_NAMES[mode])
+    else:
+        for hit in hits:
+            click.echo("\t".join((f"{SCORE_NAMES[mode]}={hit['score']:.3f}", _kind_text(hit), _hit_place(hit),
+                                  hit["time"][:19], " ⏎ ".join(hit["preview"].splitlines()))))
+
+
+def _kind_text(hit: dict) -> str:
+    return hit["kind"] + (f" ({hit['change']})" if hit.get("change") else "")
+
+
+def _hit_place(hit: dict) -> str:
+    """Where a hit is: its full path (escaped, never cut), and a commit's summary."""
+    place = display_path(hit.get("path") or hit.get("label") or "")
+    if hit.get("change") == "commit" and hit.get("label"):
+        place += f" — {display_path(hit['label'])}"
+    return place
+
+
+def _print_hits(hits: list[dict], score_name: str) -> None:
+    """Each hit as a heading line (the path whole: the terminal wraps it, nothing cuts it) and
+    its preview lines, indented and cut to the terminal's width."""
     for hit in hits:
-        kind_text = hit["kind"] + (f" ({hit['change']})" if hit.get("change") else "")
-        table.add_row(f"{hit['score']:.3f}", kind_text, hit.get("label") or hit.get("path") or "",
-                      hit["time"][:19],
-                      hit["preview"])
-    console.print(table)
+        console.print(f"[bold]{hit['score']:.3f}[/] {score_name}  {_kind_text(hit)}  {hit['time'][:19]}  ",
+                      Text(_hit_place(hit), style="cyan"), sep="", highlight=False, soft_wrap=True)
+        for line in hit["preview"].splitlines():
+            console.print(Text("    " + line), no_wrap=True, overflow="ellipsis", highlight=False)
 
 
 @main.command()
@@ -309,51 +334,60 @@ def _render_training(training: dict) -> None:
     if progress.get("total"):
         loss = f", loss {progress['loss']:.4f}" if progress.get("loss") is not None else ""
         state += f" ({progress.get('phase', '')} {progress['step']}/{progress['total']}{loss})"
-    console.print(f"[bold]trainer[/]  {state}", highlight=False)
+    _line("trainer", state)
     last = training.get("last_run")
     if last:
         when = (last.get("finished") or last.get("started") or "")[:19]
-        console.print(f"         last run {last['id']} {last['state']} {when}: {last.get('reason') or ''}",
-                      highlight=False)
+        console.print(Text(f"         last run {last['id']} {last['state']} {when}: {last.get('reason') or ''}"),
+                      highlight=False, soft_wrap=True)
 
 
 def _render_status(info: dict) -> None:
+    """Status as lines (no table: a path is never cut or wrapped into a cell)."""
     running = f"running (pid {info['pid']}, {info['state']})" if info["running"] else "not running"
-    console.print(f"[bold]daemon[/]   {running}", highlight=False)
-    console.print(f"[bold]home[/]     {info['home']}", highlight=False)
-    console.print("[bold]watching[/] " + ("\n         ".join(info["roots"]) or "nothing"), highlight=False)
+    _line("daemon", running)
+    _line("home", display_path(info["home"]))
+    roots = [display_path(r) for r in info["roots"]]
+    _line("watching", ("\n" + " " * 9).join(roots) or "nothing")
+    if info.get("note"):
+        _line("note", info["note"], "yellow")
     c = info["counts"]
-    console.print(f"[bold]memory[/]   {c['events']} events, {c['memories']} memories, "
-                  f"{info['index_size']} indexed", highlight=False)
-    console.print(f"[bold]model[/]    {info['model_id']}", highlight=False)
+    _line("memory", f"{c['events']} events, {c['memories']} memories, {info['index_size']} indexed")
+    _line("model", info["model_id"])
     _render_training(info.get("training") or {})
     watcher = info.get("watcher", {})
     for root, why in watcher.get("degraded", {}).items():
-        console.print(f"[bold yellow]degraded[/] {root}: {why} (polling; see the log for the fix)",
-                      highlight=False)
+        _line("degraded", f"{display_path(root)}: {why} (polling; see the log for the fix)", "yellow")
+    for root, since in watcher.get("missing", {}).items():
+        _line("missing", f"{display_path(root)} is gone since {since[:19]}; its changes are recorded when it "
+                         "is back", "yellow")
     drift = info.get("drift") or {}
     if drift.get("mean_shift") is not None:
         flag = " [bold yellow]drifting[/]" if drift["drifting"] else ""
-        console.print(f"[bold]drift[/]    mean vector shift {drift['mean_shift']:.3f} over "
-                      f"{drift['samples']}/{drift['window']} (threshold {drift['threshold']}){flag}",
-                      highlight=False)
+        _line("drift", f"mean vector shift {drift['mean_shift']:.3f} over {drift['samples']}/{drift['window']} "
+                       f"(threshold {drift['threshold']}){flag}", markup=True)
     if watcher.get("last_error"):
-        console.print(f"[bold red]last error[/] {watcher['last_error']}", highlight=False)
+        _line("last error", display_path(watcher["last_error"]), "red")
     if info.get("failures"):
-        table = Table(title="recent failures")
-        for column in ("last seen", "count", "failure"):
-            table.add_column(column)
+        console.print("[bold]recent failures[/] (last seen, count, failure)", highlight=False)
         for f in info["failures"]:
-            table.add_row(f["last_seen"][:19], str(f["count"]), f["title"])
-        console.print(table)
+            console.print(Text(f"  {f['last_seen'][:19]}  {f['count']:>5}  {f['title']}"), highlight=False,
+                          soft_wrap=True)
     if info["recent_events"]:
-        table = Table(title="last events")
-        for column in ("id", "time", "change", "path"):
-            table.add_column(column)
+        console.print("[bold]last events[/] (id, time, change, path)", highlight=False)
         for ev in info["recent_events"]:
-            path = f"{ev['old_path']} -> {ev['path']}" if ev.get("old_path") else ev["path"]
-            table.add_row(str(ev["id"]), ev["time"][:19], ev["kind"], path)
-        console.print(table)
+            path = display_path(ev["path"])
+            if ev.get("old_path"):
+                path = f"{display_path(ev['old_path'])} -> {path}"
+            console.print(Text(f"  {ev['id']:>6}  {ev['time'][:19]}  {ev['kind']:<8}  {path}"), highlight=False,
+                          soft_wrap=True)
+
+
+def _line(label: str, value: str, colour: str | None = None, markup: bool = False) -> None:
+    """One `label   value` line of status; the value is printed as it is (soft-wrapped only)."""
+    head = f"[bold {colour}]{label}[/]" if colour else f"[bold]{label}[/]"
+    console.print(head + " " * max(1, 9 - len(label)), Text.from_markup(value) if markup else Text(value),
+                  sep="", highlight=False, soft_wrap=True)
 
 
 @main.command()

@@ -6,7 +6,7 @@ import logging
 
 from agent_core.control import DaemonUnavailable, request
 from agent_core.daemon import RECENT_EVENTS, running_pid
-from memory.service import Memory
+from memory.service import Memory, check_query, lexical_hits
 from memory.errors import StoreNotReady
 from memory.store import Store
 from self_training.trainer import last_run
@@ -45,7 +45,9 @@ def collect_status(settings) -> dict:
 
 
 def search_memory(settings, query: str, k: int = 5, kind: str | None = None, mode: str = "hybrid") -> list[dict]:
-    """Search through the daemon when it runs, else load the model and index here."""
+    """Search through the daemon when it runs, else here (the model is loaded only when the
+    mode needs it: lexical search reads the full-text index alone)."""
+    check_query(query, mode)
     if running_pid(settings):
         try:
             return request(settings, "search", query=query, k=k, kind=kind, mode=mode)
@@ -55,7 +57,31 @@ def search_memory(settings, query: str, k: int = 5, kind: str | None = None, mod
         return []
     store = Store(settings.memory.db, readonly=True)
     try:
+        if mode == "lexical":
+            return [hit.to_dict() for hit in lexical_hits(store, query, k, kind)]
         memory = Memory(settings, store, Embedder.from_settings(settings))
         return [hit.to_dict() for hit in memory.search(query, k, kind, mode)]
     finally:
         store.close()
+
+
+def why_nothing_found(settings, mode: str, kind: str | None = None) -> str:
+    """What an empty search result means here, and what to try."""
+    of_kind = f" of kind {kind}" if kind else ""
+    memories = indexed = 0
+    if settings.memory.db.exists():
+        model_id = model_fingerprint(resolve_current_model(settings.model.path, settings.home))
+        store = Store(settings.memory.db, readonly=True)
+        try:
+            memories, indexed = store.memory_count(kind), store.vector_count(model_id, kind)
+        finally:
+            store.close()
+    if not memories:
+        return f"no memories{of_kind} yet: change a watched file while the daemon runs (or replay a git history)"
+    if mode == "lexical":
+        return (f"no memory{of_kind} contains a word of the query ({memories} searched); "
+                "try --mode dense to search by meaning")
+    if not indexed:
+        return (f"none of the {memories} memories{of_kind} has its vector yet (the daemon embeds them while it "
+                "runs: start it with `gremlin daemon`); --mode lexical finds them by their words meanwhile")
+    return f"no match among {memories} memories{of_kind}; try other words, or another --mode"

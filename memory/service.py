@@ -41,6 +41,29 @@ class SearchModeError(MemoryLayerError):
     """A search was asked for in a mode that does not exist."""
 
 
+class EmptyQuery(MemoryLayerError):
+    """A search was asked for with no text."""
+
+
+def check_query(query: str, mode: str) -> None:
+    """Raise SearchModeError or EmptyQuery for a search that cannot be answered."""
+    if mode not in SEARCH_MODES:
+        raise SearchModeError(f"unknown search mode {mode!r}; use one of: {', '.join(SEARCH_MODES)}")
+    if not query.strip():
+        raise EmptyQuery("the query is empty; search for some words, an identifier or an error message")
+
+
+def lexical_hits(store: Store, query: str, k: int = 10, kind: str | None = None) -> list[SearchHit]:
+    """The k memories whose text best matches the words of `query` (BM25); needs no model."""
+    check_query(query, "lexical")
+    return _hits(store, store.lexical_search(query, k, kind))
+
+
+def _hits(store: Store, found: list[tuple[int, float]]) -> list[SearchHit]:
+    rows = store.get_memories([i for i, _ in found])
+    return [_hit(rows[i], score) for i, score in found if i in rows]
+
+
 @dataclass(frozen=True)
 class SearchHit:
     """One search result."""
@@ -151,16 +174,14 @@ class Memory:
         fused by reciprocal rank, the score scaled so 1.0 is first in both and 0.5 first in
         one. Memories not embedded yet are still found by "lexical" and "hybrid".
         """
-        if mode not in SEARCH_MODES:
-            raise SearchModeError(f"unknown search mode {mode!r}; use one of: {', '.join(SEARCH_MODES)}")
+        check_query(query, mode)
         if mode == "dense":
             found = self._dense(query, k, kind)
         elif mode == "lexical":
             found = self.store.lexical_search(query, k, kind)
         else:
             found = self._hybrid(query, k, kind)
-        rows = self.store.get_memories([i for i, _ in found])
-        return [_hit(rows[i], score) for i, score in found if i in rows]
+        return _hits(self.store, found)
 
     def _dense(self, query: str, k: int, kind: str | None) -> list[tuple[int, float]]:
         embedder, index = self.current()  # one pair: a model swap may happen meanwhile
@@ -171,8 +192,10 @@ class Memory:
         # Fuse deeper lists than asked for: a memory ranked 30th by one and 2nd by the other
         # belongs near the top.
         depth = max(HYBRID_DEPTH, HYBRID_DEPTH_FACTOR * k)
-        rankings = [[i for i, _ in self._dense(query, depth, kind)],
-                    [i for i, _ in self.store.lexical_search(query, depth, kind)]]
+        # Lexical first: on a tie (say first in one list each) the memory that holds the
+        # query's words wins, e.g. the exact match of a rare identifier over a look-alike.
+        rankings = [[i for i, _ in self.store.lexical_search(query, depth, kind)],
+                    [i for i, _ in self._dense(query, depth, kind)]]
         best = len(rankings) / (RRF_K + 1)  # the fused score of an item first everywhere
         return [(int(i), score / best) for i, score in reciprocal_rank_fusion(rankings, RRF_K, k)]
 

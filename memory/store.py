@@ -509,9 +509,18 @@ class Store:
                                                 f" AND memory_id IN ({marks})", [model_id, *chunk])]
         return found
 
-    def vector_count(self, model_id: str) -> int:
-        """How many memories have a vector for this model."""
-        return self._query("SELECT count(*) FROM vectors WHERE model_id = ?", (model_id,))[0][0]
+    def vector_count(self, model_id: str, kind: str | None = None) -> int:
+        """How many memories (of one kind, or all) have a vector for this model."""
+        if kind is None:
+            return self._query("SELECT count(*) FROM vectors WHERE model_id = ?", (model_id,))[0][0]
+        return self._query("SELECT count(*) FROM vectors v JOIN memories m ON m.id = v.memory_id"
+                           " WHERE v.model_id = ? AND m.kind = ?", (model_id, kind))[0][0]
+
+    def memory_count(self, kind: str | None = None) -> int:
+        """How many memories there are (of one kind, or all)."""
+        if kind is None:
+            return self._query("SELECT count(*) FROM memories")[0][0]
+        return self._query("SELECT count(*) FROM memories WHERE kind = ?", (kind,))[0][0]
 
     def load_vectors(self, model_id: str, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, float32 matrix) of the stored vectors among `ids` for this model."""

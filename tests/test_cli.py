@@ -14,6 +14,7 @@ from agent_core.cli import main
 from memory.service import Memory
 from memory.store import FileState, NewEvent, Store, utc_now
 from config.settings import load_settings
+from tests.conftest import gremlin
 
 
 def run(*args: str):
@@ -73,3 +74,41 @@ def test_search_without_a_daemon_loads_the_model_itself(home: Path, settings, em
 
 def test_search_on_an_empty_home(home: Path):
     assert "no memories yet" in run("--home", str(home), "search", "anything").output
+
+
+LONG = "a_rather_long_folder_name_for_a_project/with/nested/packages/and/a_widget_factory_module.py"
+
+
+def _long_path_memory(settings) -> str:
+    store = Store(settings.memory.db)
+    path = f"/srv/{LONG}"
+    store.record_events([NewEvent(kind="modified", path=path, root="/srv", time=utc_now(),
+                                  state=FileState(path, "/srv", "s", 1, 1), memory_kind="code_diff",
+                                  memory_text=f"modified {LONG}\n+make_widget(size=3)",
+                                  memory_meta={"path": path, "label": LONG})])
+    store.close()
+    return path
+
+
+def test_piped_output_is_plain_lines_that_never_break_a_path(home: Path, settings, tmp_path: Path):
+    path = _long_path_memory(settings)
+    found = gremlin("search", "make_widget", "--mode", "lexical", home=home).stdout
+    assert [line for line in found.splitlines() if path in line] == found.splitlines()  # grep finds it
+    assert "\x1b[" not in found and "┃" not in found
+    status = gremlin("status", home=home).stdout
+    assert any(line.endswith(path) for line in status.splitlines()) and "┃" not in status
+
+
+def test_on_a_terminal_hits_are_headed_by_their_whole_path(home: Path, settings, monkeypatch):
+    from rich.console import Console
+
+    import agent_core.cli as cli
+
+    path = _long_path_memory(settings)
+    terminal = Console(force_terminal=True, width=60, color_system=None, record=True)
+    monkeypatch.setattr(cli, "console", terminal)
+    run("--home", str(home), "search", "make_widget", "--mode", "lexical")
+    text = terminal.export_text()
+    heading, preview = text.splitlines()
+    assert " bm25  code_diff (modified)  " in heading and heading.endswith(path)  # whole, on one line
+    assert preview == "    +make_widget(size=3)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ from click.testing import CliRunner
 from agent_core.cli import main
 from memory.errors import MemoryLayerError
 from memory.fusion import reciprocal_rank_fusion
-from memory.service import SEARCH_MODES, Memory, SearchModeError
+from memory.service import SEARCH_MODES, EmptyQuery, Memory, SearchModeError
 from memory.store import MIGRATIONS, SCHEMA_VERSION, FileState, NewEvent, Store, utc_now
+from tests.conftest import REPO
 
 IDENTIFIER = "FLAG_ZQKV_ENABLED"
 # Ten flags spelled almost like IDENTIFIER (MiniLM sees them as near twins) and one diff
@@ -89,9 +92,13 @@ def test_hostile_queries_never_raise(store, query):
 
 def test_hostile_queries_through_every_mode(memory):
     memory_id = _add(memory, "task", "foo bar AND text:foo (baz)", "/p/t")
-    for query in ['"', "foo AND (", "NEAR(", "text:", "-", "*", "", "!!!", "über café"]:
+    for query in ['"', "foo AND (", "NEAR(", "text:", "-", "*", "!!!", "über café"]:
         for mode in SEARCH_MODES:
-            memory.search(query, k=3, mode=mode)  # none may raise (dense answers even "")
+            memory.search(query, k=3, mode=mode)  # none may raise
+    for mode in SEARCH_MODES:
+        for empty in ("", "  \n"):
+            with pytest.raises(EmptyQuery, match="the query is empty"):
+                memory.search(empty, k=3, mode=mode)
     assert [h.id for h in memory.search("foo AND (", k=3, mode="lexical")] == [memory_id]
 
 
@@ -131,7 +138,7 @@ def test_hybrid_is_the_rrf_union_and_finds_memories_without_a_vector(memory, sto
     assert unembedded not in dense and lexical == [unembedded]
     hybrid = memory.search(IDENTIFIER, k=50, mode="hybrid")
     assert {h.id for h in hybrid} == set(ids) | {unembedded}
-    expected = [i for i, _ in reciprocal_rank_fusion([dense, lexical])]
+    expected = [i for i, _ in reciprocal_rank_fusion([lexical, dense])]
     assert [h.id for h in hybrid] == expected
     assert hybrid[0].score == 0.5 and all(0 < h.score <= 1 for h in hybrid)  # 0.5: first in one ranking
     assert [h.id for h in memory.search(IDENTIFIER, k=3)] == expected[:3]
@@ -194,6 +201,50 @@ def test_cli_lexical_search_without_a_daemon(home: Path, settings):
                            catch_exceptions=False)
     hits = json.loads(result.output)
     assert [h["id"] for h in hits] == [memory_id] and hits[0]["score"] > 0
-    table = runner.invoke(main, ["--home", str(home), "search", "plants", "--mode", "lexical"]).output
-    assert "score (bm25)" in table and "water the plants" in table
+    plain = runner.invoke(main, ["--home", str(home), "search", "plants", "--mode", "lexical"]).output
+    [line] = plain.splitlines()  # piped: one tab-separated line a hit
+    score, kind, path, time, preview = line.split("\t")
+    assert score.startswith("bm25=") and kind == "task" and preview == "water the plants"
     assert runner.invoke(main, ["--home", str(home), "search", "x", "--mode", "fuzzy"]).exit_code == 2
+
+
+def test_an_exact_identifier_wins_a_tie_with_an_unrelated_dense_hit(memory):
+    for n in range(55):  # flags MiniLM finds closer to the identifier than the exact match
+        _add(memory, "code_diff", f"modified flags{n}.py\n+FEATURE_FLAG_{n}_ENABLED = True", f"flags{n}.py")
+    target = _add(memory, "code_diff", "modified notes.md\n+Grandmother's apple pie: bake for forty minutes "
+                  f"until golden. FLAG_ZQKV_ENABLED", "notes.md")
+    dense = [h.id for h in memory.search(IDENTIFIER, k=50, mode="dense")]
+    lexical = [h.id for h in memory.search(IDENTIFIER, k=50, mode="lexical")]
+    assert target not in dense and lexical == [target]  # first in one ranking each: a tie
+    hybrid = memory.search(IDENTIFIER, k=2)
+    assert hybrid[0].id == target and hybrid[0].score == hybrid[1].score == 0.5
+
+
+def test_no_hits_say_why(home: Path, settings, memory):
+    runner = CliRunner()
+
+    def say(*args: str) -> str:
+        return runner.invoke(main, ["--home", str(home), "search", *args], catch_exceptions=False).output
+
+    assert "no memories yet" in say("anything", "--mode", "lexical")
+    memory.store.add_memory("task", "rotate the frobnicator keys")
+    lexical = say("zebra", "--mode", "lexical")
+    assert "no memory contains a word of the query (1 searched)" in lexical and "--mode dense" in lexical
+    dense = say("zebra", "--mode", "dense")
+    assert "none of the 1 memories has its vector yet" in dense and "--mode lexical" in dense
+    assert "no memories of kind log yet" in say("zebra", "--kind", "log")
+    empty = runner.invoke(main, ["--home", str(home), "search", "  "])
+    assert empty.exit_code == 2 and "the query is empty" in empty.output
+
+
+def test_lexical_search_without_a_daemon_does_not_load_the_model(home: Path, settings):
+    store = Store(settings.memory.db)
+    store.add_memory("failure", f"KeyError: '{IDENTIFIER}'", {"path": "/p/settings.py"})
+    store.close()
+    code = ("import json, sys\nfrom agent_core.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sentence_transformers'))))")
+    proc = subprocess.run([sys.executable, "-c", code, "--home", str(home), "search", IDENTIFIER, "--mode",
+                           "lexical"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = proc.stdout.splitlines()
+    assert lines[0].split("\t")[2] == "/p/settings.py" and json.loads(lines[-1]) == [], proc.stderr
