@@ -108,7 +108,11 @@ def code_tokens(text: str) -> list[str]:
 
 def bm25_rankings(queries: list[str], corpus: list[str], depth: int = DEPTH) -> list[list[int]]:
     """Corpus indices by BM25 score (rank_bm25's BM25Okapi), best first."""
-    from rank_bm25 import BM25Okapi
+    try:
+        from rank_bm25 import BM25Okapi
+    except ImportError as exc:
+        raise GremlinError("bench/selftrain.py compares with rank-bm25, a benchmark-only dependency: "
+                           "install it with `.venv/bin/pip install -e '.[bench]'` (make bench does)") from exc
 
     index = BM25Okapi([code_tokens(doc) or ["∅"] for doc in corpus])
     return [np.argsort(-index.get_scores(code_tokens(q)), kind="stable")[:depth].tolist() for q in queries]
