@@ -177,7 +177,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("training", "max_steps"): (0, 10_000_000), ("training", "batch_size"): (2, 65_536),
     ("training", "mini_batch_size"): (0, 65_536), ("training", "learning_rate"): (1e-9, 1),
     ("training", "warmup_ratio"): (0, 1), ("training", "max_seq_length"): (8, 8192),
-    ("training", "seed"): (0, 2**32 - 1), ("training", "min_gain"): (0, 1), ("training", "tolerance"): (0, 1),
+    ("training", "seed"): (0, 2**32 - 1), ("training", "min_gain"): (-1, 1), ("training", "tolerance"): (0, 1),
     ("training", "keep_models"): (1, 1000),
 }
 
