@@ -455,6 +455,12 @@ class Store:
                            f" WHERE path >= {_T} AND path < {_T}", (_b(prefix), _b(prefix[:-1] + "0")))
         return {r["path"]: FileState(**dict(r)) for r in rows}
 
+    def has_files_under(self, directory: str) -> bool:
+        """Whether any file inside `directory` is recorded."""
+        prefix = directory.rstrip("/") + "/"
+        return bool(self._query(f"SELECT 1 FROM files WHERE path >= {_T} AND path < {_T} LIMIT 1",
+                                (_b(prefix), _b(prefix[:-1] + "0"))))
+
     def file_shas(self) -> set[str]:
         """The content hashes of every recorded file (the shadow copies still needed)."""
         return {r[0] for r in self._query("SELECT DISTINCT sha FROM files WHERE sha IS NOT NULL")}

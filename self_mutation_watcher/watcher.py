@@ -343,10 +343,17 @@ class Watcher:
         self._next_reconcile = time.monotonic() + self.reconcile_s if self.reconcile_s else float("inf")
         while not (stopping and not self._pending):
             stopping = self._absorb(self._next_timeout()) or stopping
-            self._supervise(time.monotonic(), stopping)
-            due = self._take_due(time.monotonic(), flush=stopping)
-            if due:
-                self._process(due)
+            due = []
+            try:
+                self._supervise(time.monotonic(), stopping)
+                due = self._take_due(time.monotonic(), flush=stopping)
+                if due:
+                    self._process(due)
+            except Exception as exc:  # noqa: BLE001 - this thread records every change: it must not die
+                self._error(f"watcher step failed, checking its paths again: {exc}", exc)
+                time.sleep(min(RETRY_MAX_S, 1.0 * self.stats.errors))
+                for hint in due:  # checking is idempotent: the disk is compared with the record
+                    self._queue.put(hint)
             if self._pending or not self._queue.empty():
                 self._idle.clear()
             else:
@@ -380,12 +387,14 @@ class Watcher:
             now_id = root_identity(root)
             if now_id == self._root_ids.get(root):
                 continue
-            self._root_ids[root] = now_id
-            if now_id is None:
-                self.missing[str(root)] = utc_now()
-                logger.warning("a watched root disappeared; its changes are recorded when it is back",
-                               extra={"root": str(root)})
+            if now_id is None or self._looks_unmounted(root):
+                self._root_ids[root] = None
+                if str(root) not in self.missing:
+                    self.missing[str(root)] = utc_now()
+                    logger.warning("a watched root disappeared (or is an empty mount point now); its changes "
+                                   "are recorded when it is back", extra={"root": str(root)})
                 continue
+            self._root_ids[root] = now_id
             self.missing.pop(str(root), None)
             logger.info("a watched root is there again; watching and reconciling it", extra={"root": str(root)})
             try:
@@ -395,6 +404,17 @@ class Watcher:
                 logger.warning("cannot watch the root yet", extra={"root": str(root), "error": str(exc)})
                 continue
             self._put(Hint(str(root), scan=True))
+
+    def _looks_unmounted(self, root: Path) -> bool:
+        """An empty folder in place of a root whose files are recorded: an unmounted mount point
+        (or a root made again, not yet filled). Recording every file as deleted would be wrong."""
+        try:
+            with os.scandir(root) as entries:
+                if next(entries, None) is not None:
+                    return False
+        except OSError:
+            return True
+        return self.store.has_files_under(str(root))
 
     def _root_unchanged(self, root: Path) -> bool:
         """Whether `root` is still the folder being watched (not gone, not replaced)."""
@@ -442,8 +462,12 @@ class Watcher:
         for hint in sorted(hints, key=lambda h: not h.scan):  # a file's own hint wins over a scan
             if hint.moved_from:
                 moves[hint.path] = hint.moved_from
-            for item in self._expand(hint, baselines):
-                checks[str(item.path)] = item
+            try:
+                checks.update((str(item.path), item) for item in self._expand(hint, baselines))
+            except sqlite3.OperationalError:
+                raise  # the database is busy or full: the whole step is tried again
+            except Exception as exc:  # noqa: BLE001 - one bad path; the scheduled reconcile covers it
+                self._error(f"cannot check {display_path(hint.path)}: {exc}", exc)
         for group in _batches(checks, moves):
             self._check_batch(group, moves)
         for hint in hints:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -423,3 +424,47 @@ def test_shadow_copies_made_before_redaction_are_redacted_at_start(settings, sto
     assert _home_bytes_holding(home, AWS_KEY.encode()) == []
     assert shadow.path("ab" * 32).read_bytes() == b"KEY = '[REDACTED:aws_access_key]'\n"
     assert any(getattr(rec, "copies", 0) == 1 for rec in caplog.records)
+
+
+def test_an_empty_folder_in_place_of_a_root_is_not_a_mass_delete(settings, store, watched: Path, tmp_path: Path):
+    for n in range(5):
+        (watched / f"m{n}.py").write_text(f"m = {n}\n")
+    r = Running(settings, store)
+    try:
+        watched.rename(tmp_path / "mounted")
+        watched.mkdir()  # what an unmounted mount point looks like
+        wait_for(lambda: str(watched) in r.watcher.describe()["missing"], 5, what="the root to be missing")
+        r.watcher.request_reconcile()
+        time.sleep(1.5)
+        assert r.events() == [] and len(store.file_states_under(str(watched))) == 5
+        (tmp_path / "mounted" / "m0.py").write_text("m = 'changed while unmounted'\n")
+        watched.rmdir()
+        (tmp_path / "mounted").rename(watched)  # mounted again
+        assert r.wait_events(1) == [("modified", "m0.py")]
+    finally:
+        r.stop()
+
+
+def test_the_watcher_thread_survives_a_failing_step(settings, store, watched: Path, monkeypatch):
+    r = Running(settings, store)
+    try:
+        real, calls = store.file_states_under, []
+
+        def flaky(directory: str):
+            calls.append(directory)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database is locked")
+            if len(calls) == 2:
+                raise RuntimeError("a bug in one step")
+            return real(directory)
+
+        monkeypatch.setattr(store, "file_states_under", flaky)
+        (watched / "made_meanwhile.py").write_text("x = 1\n")
+        r.watcher.request_reconcile()
+        assert r.wait_events(1) == [("created", "made_meanwhile.py")]
+        (watched / "after.py").write_text("y = 2\n")
+        assert r.wait_events(2)[-1] == ("created", "after.py")
+        assert r.watcher._worker.is_alive() and r.watcher.stats.errors >= 2
+        wait_for(lambda: len(calls) >= 3, 10, what="the failed reconcile to be tried again")
+    finally:
+        r.stop()
