@@ -318,8 +318,9 @@ def redact_pair(pair: Pair, redactor: Redactor) -> Pair:
 
 
 def jsonl(pairs: Sequence[Pair]) -> bytes:
-    """The dataset file's bytes: one JSON row a line."""
-    return "".join(json.dumps(p.to_row(), ensure_ascii=False) + "\n" for p in pairs).encode("utf-8")
+    """The dataset file's bytes: one JSON row a line (a lone surrogate, say from a task payload,
+    becomes its JSON escape instead of failing the whole dataset)."""
+    return "".join(json.dumps(p.to_row(), ensure_ascii=False) + "\n" for p in pairs).encode("utf-8", "backslashreplace")
 
 
 def source_counts(pairs: Sequence[Pair]) -> dict[str, int]:

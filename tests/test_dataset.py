@@ -14,7 +14,7 @@ import pytest
 
 from memory.store import FileState, NewEvent, Store, utc_now
 from self_training.generate_dataset import (HELDOUT_FILE, MANIFEST_FILE, TRAIN_FILE, Pair, build_dataset,
-                                            clean_pairs, collect_pairs, count_new_pairs,
+                                            clean_pairs, collect_pairs, count_new_pairs, jsonl,
                                             split_chronologically)
 from self_training.replay import replay_repository
 
@@ -197,3 +197,8 @@ def test_texts_stay_within_memory_chars(store: Store, settings, chars: int):
     settings = dataclasses.replace(settings, memory=dataclasses.replace(settings.memory, memory_chars=chars))
     found = pairs_of(store, settings)
     assert len(found) == 1 and len(found[0]["input"]) <= chars and len(found[0]["output"]) <= chars
+
+
+def test_a_lone_surrogate_in_a_pair_does_not_fail_the_dataset():
+    rows = jsonl([Pair("shell task: {\"cwd\": \"caf\udce9\"}", "fixed", "task", (), "2024-01-01T00:00:00.000+00:00")])
+    assert json.loads(rows)["input"] == "shell task: {\"cwd\": \"caf\udce9\"}"
