@@ -244,7 +244,7 @@ class ChangeDetector:
             meta["same_content"] = True
         else:
             meta["metadata_only"] = True
-        header = f"moved {display_path(_label(old, Path(gone.root)))} -> {display_path(_label(new, Path(came.root)))}"
+        header = f"moved {_shown(old, Path(gone.root))} -> {_shown(new, Path(came.root))}"
         return self._event("moved", new, Path(came.root), came.state, _state_of(gone), diff, meta,
                            old_path=gone.path, header=header)
 
@@ -334,14 +334,14 @@ class ChangeDetector:
         meta = {**base, "title": failure.title, "file": failure.file, "line": failure.line,
                 "signature": failure.signature}
         event = self._event("log", path, root, state, prev, failure.text, meta, memory_kind="failure",
-                            header=f"failure in {display_path(_label(path, root))}: {failure.title}")
+                            header=f"failure in {_shown(path, root)}: {failure.title}")
         return dataclasses.replace(event, signature=failure.signature, title=failure.title)
 
     def _event(self, change: str, path: Path, root: Path, state: FileState | None,
                prev: FileState | None, diff_text: str | None, meta: dict,
                memory_kind: str = "code_diff", old_path: str | None = None,
                header: str | None = None) -> NewEvent:
-        label = display_path(_label(path, root))
+        label = _shown(path, root)
         size = state.size if state else (prev.size if prev else None)
         diff_text, _ = self.redactor.redact(diff_text)  # what the shadow or log reading left
         found = count_markers(diff_text)
@@ -378,6 +378,11 @@ def _label(path: Path, root: Path) -> str:
         return str(path.relative_to(root.parent))
     except ValueError:
         return str(path)
+
+
+def _shown(path: Path, root: Path) -> str:
+    """The label as people see it: one line, undecodable bytes escaped."""
+    return display_path(_label(path, root))
 
 
 def _describe(meta: dict, size: int | None) -> str:
