@@ -49,9 +49,14 @@ def socket_path(settings) -> Path:
     if _fits(path):
         return path
     try:
-        return Path((settings.run_dir / POINTER_NAME).read_text(encoding="utf-8").strip())
-    except (OSError, ValueError):
+        return _pointed_to(settings)
+    except OSError:
         return path  # no daemon has said where it listens: connecting fails with "no daemon"
+
+
+def _pointed_to(settings) -> Path:
+    """The socket path recorded in run/gremlin.sock.path (OSError when there is none)."""
+    return Path(os.fsdecode((settings.run_dir / POINTER_NAME).read_bytes().strip()))
 
 
 def _fits(path: Path) -> bool:
@@ -75,9 +80,9 @@ def _remove_private_folder(settings) -> None:
     """Remove the private socket folder a daemon of this home left, if it is one of ours."""
     pointer = settings.run_dir / POINTER_NAME
     try:
-        folder = Path(pointer.read_text(encoding="utf-8").strip()).parent
+        folder = _pointed_to(settings).parent
         st = folder.lstat()
-    except (OSError, ValueError):
+    except OSError:
         pointer.unlink(missing_ok=True)
         return
     if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and folder.name.startswith(PRIVATE_PREFIX):
