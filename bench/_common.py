@@ -229,7 +229,8 @@ def warn_if_disturbed(other_cores: float, limit: float = 0.2) -> None:
 
 def verdict(ok: bool, text: str) -> int:
     """Print the final PASS/FAIL line; return the exit code for it."""
-    console.print(f"[bold {'green' if ok else 'red'}]{'PASS' if ok else 'FAIL'}[/] {text}", highlight=False)
+    console.print(f"[bold {'green' if ok else 'red'}]{'PASS' if ok else 'FAIL'}[/] {text}", highlight=False,
+                  soft_wrap=True)  # one line, whatever its length: scripts grep for it
     return 0 if ok else 1
 
 
