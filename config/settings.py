@@ -29,7 +29,7 @@ SOURCE_PACKAGES = ("config", "memory", "self_mutation_watcher", "self_training",
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # the modes of the home's folders and files
 # The folders every home has (DESIGN.md layout).
-HOME_DIRS = ("config", "run", "run/checkpoints", "data", "data/logs", "data/logs/system", "data/logs/modules",
+HOME_DIRS = ("config", "run", "run/checkpoints", "run/queue", "run/queue/inbox", "run/queue/rejected", "data", "data/logs", "data/logs/system", "data/logs/modules",
              "data/logs/services", "data/logs/applications", "data/nlp_training_sets")
 # Version control, caches, editor temp files and likely secrets (kept out of memory).
 DEFAULT_EXCLUDE = (
@@ -140,6 +140,66 @@ class DashboardSettings:
     port: int = 8765
 
 
+@dataclass(frozen=True)
+class TaskSettings:
+    """How queued tasks are claimed, retried and timed out."""
+
+    workers: int = 1
+    lease_s: float = 60.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 30.0
+    inbox_poll_s: float = 1.0
+    timeout_s: float = 7200.0
+    keep_memory_chars: int = 2000
+
+
+@dataclass(frozen=True)
+class ShellSettings:
+    """What `shell` tasks and the kernel's verify command may run, and how."""
+
+    allow: tuple[str, ...] = ("pytest", "make", "git", "ruff", "mypy", "echo", "true", "false", "sleep")
+    timeout_s: float = 600.0
+    max_output_bytes: int = 65_536
+    env_keep: tuple[str, ...] = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+                                 "TERM", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """How a task's outcome is scored (rewards below [training] reward_threshold are feedback)."""
+
+    plugin: str = ""
+    slow_factor: float = 3.0
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """The bounds inside which the planner may change the training spec."""
+
+    enabled: bool = True
+    max_epochs: int = 4
+    max_training_minutes: float = 30.0
+    min_heldout: int = 20
+    learning_rate_min: float = 1e-5
+    learning_rate_max: float = 3e-4
+    batch_sizes: tuple[int, ...] = (16, 32, 64)
+    max_seq_lengths: tuple[int, ...] = (128, 256)
+
+
+@dataclass(frozen=True)
+class MutationSettings:
+    """The kernel's verify command, and the optional mutation daemon that proposes patches."""
+
+    verify: tuple[str, ...] = ()
+    verify_timeout_s: float = 900.0
+    max_patch_bytes: int = 1_048_576
+    enabled: bool = False
+    proposer: tuple[str, ...] = ()
+    proposer_timeout_s: float = 300.0
+    min_interval_s: float = 600.0
+    neighbours: int = 5
+
+
 SECTIONS: dict[str, type] = {
     "watch": WatchSettings,
     "model": ModelSettings,
@@ -147,6 +207,11 @@ SECTIONS: dict[str, type] = {
     "training": TrainingSettings,
     "logging": LoggingSettings,
     "dashboard": DashboardSettings,
+    "tasks": TaskSettings,
+    "shell": ShellSettings,
+    "reward": RewardSettings,
+    "planner": PlannerSettings,
+    "mutation": MutationSettings,
 }
 # Allowed values, checked after types: (section, key) -> choices.
 CHOICES = {
@@ -179,7 +244,24 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("training", "warmup_ratio"): (0, 1), ("training", "max_seq_length"): (8, 8192),
     ("training", "seed"): (0, 2**32 - 1), ("training", "min_gain"): (-1, 1), ("training", "tolerance"): (0, 1),
     ("training", "keep_models"): (1, 1000),
+    ("tasks", "workers"): (1, 64), ("tasks", "lease_s"): (5, DAY_S), ("tasks", "max_attempts"): (1, 100),
+    ("tasks", "retry_backoff_s"): (0, DAY_S), ("tasks", "inbox_poll_s"): (0.05, 3600),
+    ("tasks", "timeout_s"): (1, 7 * DAY_S), ("tasks", "keep_memory_chars"): (100, 1_000_000),
+    ("shell", "timeout_s"): (0.1, DAY_S), ("shell", "max_output_bytes"): (1024, 64 * MIB),
+    ("reward", "slow_factor"): (1, 1000),
+    ("planner", "max_epochs"): (1, 100), ("planner", "max_training_minutes"): (0.1, 7 * 24 * 60),
+    ("planner", "min_heldout"): (2, 1_000_000), ("planner", "learning_rate_min"): (1e-9, 1),
+    ("planner", "learning_rate_max"): (1e-9, 1),
+    ("mutation", "verify_timeout_s"): (1, DAY_S), ("mutation", "max_patch_bytes"): (1, 64 * MIB),
+    ("mutation", "proposer_timeout_s"): (1, DAY_S), ("mutation", "min_interval_s"): (0, 30 * DAY_S),
+    ("mutation", "neighbours"): (0, 100),
 }
+
+# Lists of integers: every item must lie in the range.
+ITEM_RANGES: dict[tuple[str, str], tuple[int, int]] = {
+    ("planner", "batch_sizes"): (2, 65_536), ("planner", "max_seq_lengths"): (8, 8192),
+}
+PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 @dataclass(frozen=True)
@@ -194,6 +276,11 @@ class Settings:
     training: TrainingSettings = field(default_factory=TrainingSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     dashboard: DashboardSettings = field(default_factory=DashboardSettings)
+    tasks: TaskSettings = field(default_factory=TaskSettings)
+    shell: ShellSettings = field(default_factory=ShellSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
+    mutation: MutationSettings = field(default_factory=MutationSettings)
 
     @property
     def run_dir(self) -> Path:
@@ -204,6 +291,16 @@ class Settings:
     def data_dir(self) -> Path:
         """Durable state: database, indexes, shadow copies, logs."""
         return self.home / "data"
+
+    @property
+    def queue_dir(self) -> Path:
+        """The task inbox (`inbox/`) and its quarantine (`rejected/`)."""
+        return self.run_dir / "queue"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """The private git object store that holds snapshots."""
+        return self.data_dir / "snapshots"
 
     @property
     def watch_roots(self) -> tuple[Path, ...]:
@@ -333,6 +430,13 @@ def parse_settings(raw: dict, home: Path, config_file: Path) -> Settings:
             raise ConfigError(f"{config_file}: [{name}] must be a table of keys")
     sections = {name: _parse_section(name, raw.get(name, {}), home, config_file)
                 for name in SECTIONS}
+    planner = sections["planner"]
+    if planner.learning_rate_min > planner.learning_rate_max:
+        raise ConfigError(f"{config_file}: [planner] learning_rate_min ({planner.learning_rate_min}) is above "
+                          f"learning_rate_max ({planner.learning_rate_max}); swap them")
+    if sections["mutation"].enabled and not sections["mutation"].proposer:
+        raise ConfigError(f"{config_file}: [mutation] enabled = true needs a proposer command "
+                          '(e.g. proposer = ["my-llm", "--patch"]); set one or turn it off')
     return Settings(home=home, config_file=config_file, **sections)
 
 
@@ -385,6 +489,16 @@ def _check_rules(section: str, key: str, value, where: str) -> None:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"{where}: {pattern!r} is not a valid regular expression ({exc})") from exc
+    if (section, key) == ("reward", "plugin") and value and not PLUGIN.fullmatch(value):
+        raise ConfigError(f"{where} must look like \"package.module:function\" (got {value!r}); "
+                          "or leave it empty for the built-in reward model")
+    if (section, key) in ITEM_RANGES:
+        low, high = ITEM_RANGES[(section, key)]
+        if not value or any(not low <= v <= high for v in value):
+            raise ConfigError(f"{where} must be a non-empty list of integers from {low} to {high} (got {list(value)})")
+    if key in ("verify", "proposer", "allow") and any(not v.strip() for v in value):
+        raise ConfigError(f"{where} has an empty item; write a command as a list of arguments, "
+                          'e.g. ["pytest", "-q"]')
     choices = CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)} (got {value!r})")

@@ -141,6 +141,17 @@ class Memory:
         """Embed every memory with `embedder` into its own index while search uses the live one."""
         return build_index(self.settings, self.store, embedder, batch, progress)
 
+    def reindex(self, progress: Callable[[int, int], None] | None = None) -> dict:
+        """Rebuild the current model's index from the database alone (the index is a cache),
+        embedding memories that lack a vector; search uses the old index until it is done."""
+        embedder, old = self.current()
+        started = time.monotonic()
+        index = build_index(self.settings, self.store, embedder, progress=progress, fresh=True)
+        old.dirty = False  # it shares the new index's file: swap must not save it over the new one
+        self.swap(embedder, index)
+        return {"model_id": embedder.model_id, "before": old.ntotal, "after": index.ntotal,
+                "seconds": round(time.monotonic() - started, 2)}
+
     def swap(self, embedder: Embedder, index: VectorIndex) -> None:
         """Serve from `embedder` and `index` from now on; memories added meanwhile are embedded."""
         with self._embed_lock:
@@ -219,13 +230,18 @@ class Memory:
 
 
 def build_index(settings, store: Store, embedder: Embedder, batch: int = 256,
-                progress: Callable[[int, int], None] | None = None) -> VectorIndex:
+                progress: Callable[[int, int], None] | None = None, fresh: bool = False) -> VectorIndex:
     """The saved index of every memory for `embedder`'s model, encoding only what is missing.
 
     Vectors already stored for this model (an interrupted reindex, a rollback to a kept
-    model) are reused from SQLite, never re-encoded.
+    model) are reused from SQLite, never re-encoded. `fresh` ignores the saved index file
+    and builds from the database alone.
     """
-    index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
+    if fresh:
+        index = VectorIndex(index_path(settings.memory.index_dir, embedder.model_id), embedder.model_id, embedder.dim)
+        index.sync(store)
+    else:
+        index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
     total = int(store.counts()["memories"])
     while pairs := store.memories_without_vector(embedder.model_id, batch):
         ids = np.array([p[0] for p in pairs], dtype=np.int64)
@@ -267,7 +283,10 @@ class EmbedQueue:
 
     def submit(self, stored: Sequence[StoredEvent]) -> None:
         """Queue the memories of committed events (the watcher's sink)."""
-        pairs = _pairs(stored)
+        self.submit_memories(_pairs(stored))
+
+    def submit_memories(self, pairs: Sequence[tuple[int, str]]) -> None:
+        """Queue committed memories given as (id, text)."""
         with self._count_lock:
             self.waiting += len(pairs)
         for pair in pairs:

@@ -156,6 +156,36 @@ MIGRATIONS: tuple[str, ...] = (
         (SELECT min(id) FROM events WHERE kind = 'commit' GROUP BY path, json_extract(meta, '$.commit'));
     CREATE UNIQUE INDEX events_commit ON events(path, json_extract(meta, '$.commit')) WHERE kind = 'commit';
     """,
+    # 4: the durable task queue (priorities, leases, retries with backoff, idempotency keys,
+    # cancellation, the outcome's exit code and reward) and the planner's trials.
+    """
+    ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN priority_auto INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tasks ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tasks ADD COLUMN not_before TEXT;
+    ALTER TABLE tasks ADD COLUMN lease_until TEXT;
+    ALTER TABLE tasks ADD COLUMN heartbeat TEXT;
+    ALTER TABLE tasks ADD COLUMN idem_key TEXT;
+    ALTER TABLE tasks ADD COLUMN source TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN retry_of INTEGER;
+    ALTER TABLE tasks ADD COLUMN exit_code INTEGER;
+    ALTER TABLE tasks ADD COLUMN reward REAL;
+    CREATE UNIQUE INDEX tasks_idem_key ON tasks(idem_key) WHERE idem_key IS NOT NULL;
+    CREATE INDEX tasks_queue ON tasks(state, priority DESC, id);
+    CREATE INDEX tasks_type_finished ON tasks(type, finished);
+    CREATE TABLE planner_trials (
+        id INTEGER PRIMARY KEY,
+        run_id TEXT,
+        params TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'proposed' CHECK (state IN ('proposed', 'complete', 'fail', 'skipped')),
+        value REAL,
+        decision TEXT,
+        created TEXT NOT NULL,
+        finished TEXT
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # File names are bytes, and Python hands an undecodable one over with surrogate escapes,
@@ -165,6 +195,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _T = "CAST(? AS TEXT)"
 MODEL_HISTORY = "models.history"  # marker: the ids made current, in order (rollback's "before")
 MAX_HISTORY = 100
+DELETED_SHA = "0" * 64  # what `expect_own_write` is told for a file Gremlin deletes
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -291,6 +322,9 @@ class Store:
                                      f"Gremlin ({SCHEMA_VERSION}); upgrade Gremlin")
                 for number in range(version, SCHEMA_VERSION):
                     with self.transaction() as conn:
+                        # another process may have migrated since we looked: read it again under the lock
+                        if conn.execute("PRAGMA user_version").fetchone()[0] > number:
+                            continue
                         for statement in _split_sql(MIGRATIONS[number]):
                             conn.execute(statement)
                         conn.execute(f"PRAGMA user_version={number + 1}")
@@ -374,9 +408,8 @@ class Store:
                          (_b(path), sha, utc_now(now + timedelta(seconds=ttl_s))))
 
     def is_own_write(self, path: str, sha: str | None, now: datetime | None = None) -> bool:
-        """Whether this content of this path was announced as Gremlin's own write."""
-        if not sha:
-            return False
+        """Whether this content of this path (None: its deletion) was announced as Gremlin's own write."""
+        sha = sha or DELETED_SHA
         return bool(self._query(f"SELECT 1 FROM own_writes WHERE path = {_T} AND sha = ? AND expires >= ?",
                                 (_b(path), sha, utc_now(now))))
 
@@ -396,6 +429,12 @@ class Store:
                 " e.kind AS change FROM memories m LEFT JOIN events e ON e.id = m.event_id"
                 f" WHERE m.id IN ({marks})", chunk)
         return {row["id"]: _memory_dict(row) for row in rows}
+
+    def newest_memory_of(self, kind: str, after_id: int = 0) -> dict | None:
+        """The newest memory of `kind` with an id above `after_id` (meta decoded), or None."""
+        rows = self._query("SELECT * FROM memories WHERE kind = ? AND id > ? ORDER BY id DESC LIMIT 1",
+                           (kind, after_id))
+        return _memory_dict(rows[0]) if rows else None
 
     def memory_ids(self, kind: str | None = None) -> np.ndarray:
         """Ids of all memories, or of one kind, as int64."""
@@ -704,13 +743,6 @@ class Store:
             (finished, finished, task_id, limit))
         return [self._feedback_task(r) for r in rows]
 
-    def tasks_created_after(self, task_id: int, task_type: str | None = None, limit: int = 1000) -> list[dict]:
-        """Tasks (of one type, or all) with an id after `task_id`, oldest first."""
-        sql, params = "SELECT id, type, state, finished, result, error FROM tasks WHERE id > ?", [task_id]
-        if task_type:
-            sql, params = sql + " AND type = ?", [*params, task_type]
-        return [self._feedback_task(r) for r in self._query(sql + " ORDER BY id LIMIT ?", [*params, limit])]
-
     @staticmethod
     def _feedback_task(row: sqlite3.Row) -> dict:
         """A task row with its result decoded (an undecodable result reads as None)."""
@@ -720,6 +752,153 @@ class Store:
         except ValueError:
             out["result"] = None
         return out
+
+    # -- the task queue (agent_core.tasks) -----------------------------------------------
+
+    def submit_task(self, task_type: str, payload: dict, priority: int | None = None, max_attempts: int = 1,
+                    key: str | None = None, source: str = "", retry_of: int | None = None,
+                    now: datetime | None = None) -> tuple[int, bool]:
+        """Queue a task; returns (id, True), or (the existing id, False) when `key` was seen before."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO tasks (type, payload, state, created, priority, priority_auto, max_attempts,"
+                " idem_key, source, retry_of) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (idem_key) WHERE idem_key IS NOT NULL DO NOTHING RETURNING id",
+                (task_type, json.dumps(payload), utc_now(now), priority or 0, int(priority is None),
+                 max_attempts, key, source, retry_of)).fetchone()
+            if row is not None:
+                return row[0], True
+            return conn.execute("SELECT id FROM tasks WHERE idem_key = ?", (key,)).fetchone()[0], False
+
+    def claim_task(self, worker: int, lease_s: float, now: datetime | None = None) -> dict | None:
+        """Take the queued task due first (highest priority, then oldest) with a lease, or None.
+
+        Runs whose lease ran out (their runner died) are queued again first, or failed once they
+        have used all their attempts; all of it in one BEGIN IMMEDIATE transaction.
+        """
+        now = now or datetime.now(timezone.utc)
+        stamp, until = utc_now(now), utc_now(now + timedelta(seconds=lease_s))
+        with self.transaction() as conn:
+            conn.execute("UPDATE tasks SET state = 'failed', finished = ?, lease_until = NULL,"
+                         " error = 'its runner stopped (lease expired) on the last of ' || max_attempts || ' attempts'"
+                         " WHERE state = 'running' AND lease_until < ? AND attempts >= max_attempts", (stamp, stamp))
+            conn.execute("UPDATE tasks SET state = 'queued', lease_until = NULL, not_before = NULL,"
+                         " error = 'its runner stopped (lease expired); queued again'"
+                         " WHERE state = 'running' AND lease_until < ?", (stamp,))
+            row = conn.execute(
+                "UPDATE tasks SET state = 'running', claimed_by = ?, attempts = attempts + 1, started = ?,"
+                " heartbeat = ?, lease_until = ? WHERE id = (SELECT id FROM tasks WHERE state = 'queued'"
+                " AND (not_before IS NULL OR not_before <= ?) ORDER BY priority DESC, id LIMIT 1)"
+                " RETURNING *", (worker, stamp, stamp, until, stamp)).fetchone()
+        return _task_dict(row) if row else None
+
+    def renew_lease(self, task_id: int, attempt: int, lease_s: float, now: datetime | None = None) -> bool | None:
+        """Extend a running task's lease; None if it is no longer ours, else whether cancel was asked."""
+        now = now or datetime.now(timezone.utc)
+        with self.transaction() as conn:
+            row = conn.execute("UPDATE tasks SET heartbeat = ?, lease_until = ? WHERE id = ? AND attempts = ?"
+                               " AND state = 'running' RETURNING cancel_requested",
+                               (utc_now(now), utc_now(now + timedelta(seconds=lease_s)), task_id, attempt)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def finish_task(self, task_id: int, attempt: int, state: str, result: dict | None = None,
+                    error: str | None = None, retry_at: datetime | None = None,
+                    memory: tuple[str, str, dict] | None = None,
+                    now: datetime | None = None) -> tuple[bool, int | None]:
+        """End the attempt `attempt` of a running task: done, failed or cancelled (with its
+        memory (kind, text, meta), in the same transaction), or queued again for `retry_at`.
+        Returns (False, None) when the task is no longer ours (its lease ran out and it moved on)."""
+        result = result or {}
+        queued_again = retry_at is not None and state == "failed"
+        stamp = utc_now(now)
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE tasks SET state = ?, finished = ?, not_before = ?, result = ?, error = ?, exit_code = ?,"
+                " reward = ?, lease_until = NULL WHERE id = ? AND attempts = ? AND state = 'running'",
+                ("queued" if queued_again else state, None if queued_again else stamp,
+                 utc_now(retry_at) if queued_again else None, json.dumps(result), error,
+                 _int_or_none(result.get("exit_code")), _float_or_none(result.get("reward")), task_id, attempt))
+            if cur.rowcount != 1:
+                return False, None
+            if memory is None or queued_again:
+                return True, None
+            return True, _insert_memory(conn, memory[0], memory[1], memory[2], stamp, None, True)
+
+    def cancel_task(self, task_id: int, now: datetime | None = None) -> str | None:
+        """Cancel a queued task at once, or ask a running one to stop; returns its state then (None: no task)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE tasks SET state = 'cancelled', finished = ?, error = 'cancelled before it ran'"
+                         " WHERE id = ? AND state = 'queued'", (utc_now(now), task_id))
+            conn.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (task_id,))
+            row = conn.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return row[0] if row else None
+
+    def get_task(self, task_id: int) -> dict | None:
+        """One task with its payload and result decoded, or None."""
+        rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return _task_dict(rows[0]) if rows else None
+
+    def list_tasks(self, states: Sequence[str] = (), task_type: str | None = None, limit: int = 50) -> list[dict]:
+        """The newest tasks (optionally of some states and one type), newest first."""
+        sql, params = "SELECT * FROM tasks WHERE 1", []
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            params += list(states)
+        if task_type:
+            sql, params = sql + " AND type = ?", [*params, task_type]
+        return [_task_dict(r) for r in self._query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])]
+
+    def task_counts(self) -> dict[str, int]:
+        """How many tasks are in each state."""
+        return {r[0]: r[1] for r in self._query("SELECT state, count(*) FROM tasks GROUP BY state")}
+
+    def task_history(self, task_type: str, limit: int = 50) -> list[dict]:
+        """The newest finished tasks of one type: seconds taken, reward, state (newest first)."""
+        rows = self._query(
+            "SELECT state, reward, (julianday(finished) - julianday(started)) * 86400.0 AS seconds"
+            " FROM tasks WHERE type = ? AND state IN ('done', 'failed') AND finished IS NOT NULL"
+            " ORDER BY finished DESC LIMIT ?", (task_type, limit))
+        return [dict(r) for r in rows]
+
+    def reward_by_type(self, limit_per_type: int = 50) -> dict[str, tuple[float, int]]:
+        """Each task type's mean reward over its newest `limit_per_type` scored tasks, and how many."""
+        rows = self._query(
+            "SELECT type, avg(reward), count(*) FROM (SELECT type, reward, row_number() OVER"
+            " (PARTITION BY type ORDER BY finished DESC) AS n FROM tasks WHERE reward IS NOT NULL)"
+            " WHERE n <= ? GROUP BY type", (limit_per_type,))
+        return {r[0]: (float(r[1]), int(r[2])) for r in rows}
+
+    def set_auto_priorities(self, priorities: dict[str, int]) -> int:
+        """Give queued tasks without a priority of their own the priority of their type."""
+        with self.transaction() as conn:
+            return sum(conn.execute("UPDATE tasks SET priority = ? WHERE state = 'queued' AND priority_auto = 1"
+                                    " AND type = ? AND priority != ?", (p, t, p)).rowcount
+                       for t, p in priorities.items())
+
+    # -- the planner's trials (agents.planner_agent) ----------------------------------------
+
+    def add_trial(self, params: dict, run_id: str | None = None, now: datetime | None = None) -> int:
+        """Record a proposed spec; returns the trial id."""
+        with self.transaction() as conn:
+            return conn.execute("INSERT INTO planner_trials (run_id, params, created) VALUES (?, ?, ?)",
+                                (run_id, json.dumps(params), utc_now(now))).lastrowid
+
+    def update_trial(self, trial_id: int, now: datetime | None = None, **fields) -> None:
+        """Set a trial's run_id, state, value or decision (a final state also sets `finished`)."""
+        unknown = set(fields) - {"run_id", "state", "value", "decision"}
+        if unknown:
+            raise ValueError(f"not trial fields: {sorted(unknown)}")
+        if fields.get("state") in ("complete", "fail", "skipped"):
+            fields["finished"] = utc_now(now)
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        with self.transaction() as conn:
+            conn.execute(f"UPDATE planner_trials SET {sets} WHERE id = ?", (*fields.values(), trial_id))
+
+    def trials(self, states: Sequence[str] = ("proposed", "complete", "fail", "skipped")) -> list[dict]:
+        """The planner's trials in some states, oldest first, params decoded."""
+        rows = self._query(f"SELECT * FROM planner_trials WHERE state IN ({','.join('?' * len(states))})"
+                           " ORDER BY id", list(states))
+        return [{**dict(r), "params": _json_or(r["params"], {})} for r in rows]
 
     # -- history and training pairs (self_training.replay, generate_dataset) -------------
 
@@ -829,6 +1008,29 @@ def _memory_dict(row: sqlite3.Row) -> dict:
     out["meta"] = json.loads(out["meta"])
     out["replaceable"] = bool(out["replaceable"])
     return out
+
+
+def _task_dict(row: sqlite3.Row) -> dict:
+    """A task row as a dict, payload and result decoded (an undecodable one reads as {} / None)."""
+    out = dict(row)
+    out["payload"], out["result"] = _json_or(out["payload"], {}), _json_or(out["result"], None)
+    return out
+
+
+def _json_or(text: str | None, empty):
+    """Decoded JSON, or `empty` when the text is missing or not JSON."""
+    try:
+        return json.loads(text) if text else empty
+    except ValueError:
+        return empty
+
+
+def _int_or_none(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float_or_none(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _run_dict(row: sqlite3.Row) -> dict:

@@ -113,3 +113,20 @@ def test_a_reader_of_a_database_still_being_created_gets_a_clear_error(tmp_path:
     sqlite3.connect(tmp_path / "g.db").execute("CREATE TABLE t (x)").connection.close()  # not migrated
     with pytest.raises(StoreError, match="not initialised yet"):
         Store(tmp_path / "g.db", readonly=True)
+
+
+def test_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    db = tmp_path / "fresh.db"
+    opener = "import sys; from memory.store import Store; Store(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", opener, str(db)], cwd=REPO, stderr=subprocess.PIPE)
+             for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    store = Store(db)
+    assert store._query("PRAGMA user_version")[0][0] == SCHEMA_VERSION
+    store.close()
