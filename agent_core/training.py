@@ -102,7 +102,7 @@ def run_cycle(settings, seed: int, promote: bool = False,
     spec = TrainingSpec.from_settings(settings.training, seed=seed)
     trigger = manual_trigger(f"gremlin cycle --seed {seed}", force=True)
     outcome = run_here(settings, trigger, spec, promote=promote, progress=progress)
-    record = {"time": utc_now(), "seed": seed, **outcome.to_dict(), "spec": spec.to_dict()}
+    record = {"time": utc_now(), "event": "cycle", "seed": seed, **outcome.to_dict(), "spec": spec.to_dict()}
     record.update(_dataset_facts(settings, outcome.run_id))
     path = settings.data_dir / EXPERIMENTS
     path.parent.mkdir(parents=True, exist_ok=True)

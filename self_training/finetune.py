@@ -32,7 +32,8 @@ class TrainingSpec:
     """How one model is fine-tuned; saved with every run beside its lineage.
 
     Its defaults are the [training] section's, so a spec made in code and one read from
-    the config agree unless told otherwise.
+    the config agree unless told otherwise. `max_seconds` (0 = no limit) is not a [training]
+    key: the planner sets it from [planner] max_training_minutes.
     """
 
     epochs: int = TrainingSettings.epochs
@@ -45,11 +46,12 @@ class TrainingSpec:
     seed: int = TrainingSettings.seed
     device: str = TrainingSettings.device
     precision: str = TrainingSettings.precision
+    max_seconds: float = 0.0
 
     @classmethod
     def from_settings(cls, training, **overrides) -> TrainingSpec:
         """The spec described by a [training] section, with `overrides` applied."""
-        values = {f.name: getattr(training, f.name) for f in fields(cls)}
+        values = {f.name: getattr(training, f.name, f.default) for f in fields(cls)}
         return cls(**{**values, **overrides})
 
     def to_dict(self) -> dict:
@@ -68,6 +70,7 @@ class FineTuneResult:
     device: str
     precision: str
     train_loss: float | None
+    time_limited: bool = False  # stopped by spec.max_seconds before its planned steps
 
 
 def resolve_precision(requested: str, device: str) -> str:
@@ -98,8 +101,9 @@ def fine_tune(pairs: Sequence[tuple[str, str]], spec: TrainingSpec, base_path: P
     precision = resolve_precision(spec.precision, device)
     model = SentenceTransformer(str(base_path), device=device, local_files_only=True)
     model.max_seq_length = spec.max_seq_length
+    limit = _TimeLimit(spec.max_seconds)
     trainer = _make_trainer(model, pairs, spec, out_dir, device, precision,
-                            _callbacks(progress, tensorboard_dir, mlflow_uri))
+                            [*_callbacks(progress, tensorboard_dir, mlflow_uri), *limit.callbacks()])
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
@@ -110,7 +114,7 @@ def fine_tune(pairs: Sequence[tuple[str, str]], spec: TrainingSpec, base_path: P
     logger.info("fine-tuning finished", extra={"steps": steps, "seconds": round(seconds, 1),
                                                "device": device, "precision": precision})
     return FineTuneResult(out_dir, steps, round(seconds, 2), round(seen / seconds, 2) if seconds else 0.0,
-                          device, precision, _final_loss(output))
+                          device, precision, _final_loss(output), limit.stopped)
 
 
 def _make_trainer(model, pairs, spec: TrainingSpec, out_dir: Path, device: str, precision: str, callbacks):
@@ -163,6 +167,37 @@ def _callbacks(progress: Progress | None, tensorboard_dir: Path | None, mlflow_u
     if mlflow_uri:
         callbacks.append(_mlflow(mlflow_uri))
     return callbacks
+
+
+class _TimeLimit:
+    """Ends training after the step that passes `max_seconds` of wall time (0 = never); the
+    model trained so far is saved and evaluated like any other."""
+
+    def __init__(self, max_seconds: float):
+        self.max_seconds = max_seconds
+        self.stopped = False
+
+    def callbacks(self) -> list:
+        """The trainer callback that enforces the limit (none when there is no limit)."""
+        from transformers import TrainerCallback
+
+        if self.max_seconds <= 0:
+            return []
+        limit = self
+
+        class StopAtTimeLimit(TrainerCallback):
+            started = 0.0
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if not limit.stopped and time.perf_counter() - self.started >= limit.max_seconds:
+                    limit.stopped = control.should_training_stop = True
+                    logger.warning("training stopped at its time limit", extra={
+                        "max_seconds": limit.max_seconds, "step": state.global_step, "max_steps": state.max_steps})
+
+        return [StopAtTimeLimit()]
 
 
 def _tensorboard(directory: Path):

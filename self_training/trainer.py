@@ -10,6 +10,10 @@ is ended as failed with its reason and its trigger is queued again (`recover`). 
 is promoted only when the gate (evaluate.py) says it beats the current one on held-out
 pairs that training never saw; promotion switches `run/checkpoints/current_model.json`
 atomically and re-embeds memory into a new index while search answers from the old one.
+
+An optional planner (agents/planner_agent.py, handed in by the daemon: this package never
+imports agents) chooses each polled run's spec and is told how the run ended; a planner
+that fails is logged and the run goes on with the configured spec.
 """
 
 from __future__ import annotations
@@ -195,7 +199,11 @@ def _trigger_from_dict(data: dict) -> Trigger:
 
 
 class Trainer:
-    """Runs one training cycle at a time; `memory` is the live memory to promote into (or None)."""
+    """Runs one training cycle at a time; `memory` is the live memory to promote into (or None).
+
+    `planner`, when set, is any object with `next_spec(run_id) -> TrainingSpec` and
+    `observe(run: dict)`; polled runs take their spec from it and report back to it.
+    """
 
     def __init__(self, settings, store: Store, memory=None, stop: threading.Event | None = None):
         self.settings = settings
@@ -205,6 +213,7 @@ class Trainer:
         self.run_id: str | None = None
         self.progress: dict = {}
         self.on_progress: Callable[[dict], None] | None = None  # a terminal's progress bar
+        self.planner = None  # duck-typed: next_spec(run_id) and observe(run dict)
         self._last_progress_write = 0.0
         self.machine = Machine(model=self, states=list(STATES), transitions=list(TRANSITIONS),
                                initial="idle", auto_transitions=False, after_state_change="_persist_state")
@@ -225,9 +234,32 @@ class Trainer:
             _recover(self.settings, self.store, now)  # a run left by a process that died meanwhile
             run_id = new_run_id(now)
             trigger = claim_trigger(path, claimed_path(self.settings, run_id))
-            return None if trigger is None else self.run(trigger, run_id=run_id)
+            if trigger is None:
+                return None
+            outcome = self.run(trigger, self._planned_spec(run_id), run_id=run_id)
+            self._tell_planner(run_id)
+            return outcome
         finally:
             lock.release()
+
+    def _planned_spec(self, run_id: str) -> TrainingSpec | None:
+        """The planner's spec for this run; None (the configured spec) without a planner or when it fails."""
+        if self.planner is None:
+            return None
+        try:
+            return self.planner.next_spec(run_id)
+        except Exception:  # noqa: BLE001 - planning is advice; the run must not depend on it
+            logger.exception("planner failed to propose a spec; using the configured one", extra={"run_id": run_id})
+            return None
+
+    def _tell_planner(self, run_id: str) -> None:
+        """Hand the ended run's row to the planner; its failure never fails the run or the poll."""
+        if self.planner is None:
+            return
+        try:
+            self.planner.observe(self.store.get_run(run_id))
+        except Exception:  # noqa: BLE001 - the run has ended and is recorded whatever the planner does
+            logger.exception("planner failed to observe a run", extra={"run_id": run_id})
 
     def _cooling_down(self, path: Path, now: datetime | None) -> bool:
         """True while the last run ended less than cooldown_s ago (a forced trigger skips it)."""
@@ -375,7 +407,8 @@ class Trainer:
                 "spec": spec.to_dict(), "metrics_before": before, "metrics_after": after,
                 "decision": decision.to_dict(), "device": result.device, "precision": result.precision,
                 "steps": result.steps, "pairs_per_s": result.pairs_per_s, "train_loss": result.train_loss,
-                "seconds": result.seconds, "run_id": self.run_id, "trigger": trigger.to_dict()}
+                "seconds": result.seconds, "time_limited": result.time_limited, "run_id": self.run_id,
+                "trigger": trigger.to_dict()}
 
     def _save_model(self, out_dir: Path, model_id: str, spec: TrainingSpec, lineage: dict, accepted: bool) -> None:
         """Write spec and lineage beside the weights; a rejected model keeps only its numbers."""

@@ -32,3 +32,17 @@ def test_two_steps_change_the_embeddings_and_save_a_loadable_model(tmp_path, emb
 def test_precision_is_fp32_on_cpu_whatever_was_asked():
     assert resolve_precision("fp16", "cpu") == "fp32"
     assert resolve_precision("auto", "cpu") == "fp32"
+
+
+def test_a_time_limit_stops_training_early_and_the_model_is_still_saved(tmp_path, caplog):
+    spec = TrainingSpec(max_steps=20, batch_size=4, max_seq_length=16, device="cpu", max_seconds=0.01)
+    result = fine_tune(PAIRS, spec, resolve_model_path("", REPO), tmp_path / "model")
+    assert result.steps == 1 < spec.max_steps and result.time_limited
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert any(r.getMessage() == "training stopped at its time limit" for r in caplog.records)
+
+
+def test_a_spec_from_settings_has_no_time_limit(settings):
+    spec = TrainingSpec.from_settings(settings.training, epochs=2)
+    assert spec.max_seconds == 0.0 and spec.epochs == 2
+    assert TrainingSpec.from_settings(settings.training, max_seconds=60).max_seconds == 60

@@ -330,3 +330,57 @@ def test_plain_rollback_goes_to_the_model_used_before_the_current_one(tmp_path):
     assert _rollback_target(store, None)["id"] == "base"
     assert _rollback_target(store, "B")["id"] == "B"
     store.close()
+
+
+def _untrainable_home(tmp_path: Path) -> Path:
+    """A home with no history: a run is rejected at once, before any training."""
+    home = make_home(tmp_path)
+    write_config(home, watch={"roots": [], "own_source": False}, training=TRAINING,
+                 planner={"max_epochs": 2, "max_training_minutes": 5.0})
+    return home
+
+
+def test_a_polled_run_takes_its_spec_from_the_planner_and_reports_back(tmp_path):
+    from agents.planner_agent import Planner
+
+    settings = load_settings(_untrainable_home(tmp_path))
+    store = Store(settings.memory.db)
+    trainer = Trainer(settings, store)
+    trainer.planner = Planner(settings, store)
+    write_trigger_atomically(trigger_path(settings), manual_trigger("planned"))
+    outcome = trainer.poll()
+    assert outcome is not None and outcome.outcome == "rejected"
+    spec = store.get_run(outcome.run_id)["spec"]
+    assert spec["max_seconds"] == 300 and spec["batch_size"] in settings.planner.batch_sizes
+    [trial] = store.trials()
+    assert trial["run_id"] == outcome.run_id and trial["state"] == "skipped"   # ended before evaluation
+    lines = (settings.data_dir / "experiments.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["proposal", "result", "decision"]
+    store.close()
+
+
+class BrokenPlanner:
+    """A planner whose every call raises, as a bug in it would."""
+
+    def next_spec(self, run_id):
+        raise RuntimeError("planner bug")
+
+    def observe(self, run):
+        raise RuntimeError("planner bug")
+
+
+def test_a_failing_planner_never_fails_the_run_or_the_poll(tmp_path, caplog):
+    from self_training.finetune import TrainingSpec
+
+    settings = load_settings(_untrainable_home(tmp_path))
+    store = Store(settings.memory.db)
+    trainer = Trainer(settings, store)
+    trainer.planner = BrokenPlanner()
+    write_trigger_atomically(trigger_path(settings), manual_trigger("planned"))
+    outcome = trainer.poll()
+    assert outcome is not None and outcome.outcome == "rejected" and trainer.state == "idle"
+    assert store.get_run(outcome.run_id)["spec"] == TrainingSpec.from_settings(settings.training).to_dict()
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "planner failed to propose a spec; using the configured one" in messages
+    assert "planner failed to observe a run" in messages
+    store.close()
