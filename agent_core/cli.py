@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -342,6 +343,16 @@ def _render_training(training: dict) -> None:
                       highlight=False, soft_wrap=True)
 
 
+def _render_tasks(tasks: dict) -> None:
+    counts = tasks.get("counts") or {}
+    if not counts:
+        return
+    text = ", ".join(f"{counts[s]} {s}" for s in ("queued", "running", "done", "failed", "cancelled") if counts.get(s))
+    running = "; now " + ", ".join(f"{t['id']} ({t['type']})" for t in tasks.get("running", [])) \
+        if tasks.get("running") else ""
+    _line("tasks", text + running)
+
+
 def _render_status(info: dict) -> None:
     """Status as lines (no table: a path is never cut or wrapped into a cell)."""
     running = f"running (pid {info['pid']}, {info['state']})" if info["running"] else "not running"
@@ -355,6 +366,7 @@ def _render_status(info: dict) -> None:
     _line("memory", f"{c['events']} events, {c['memories']} memories, {info['index_size']} indexed")
     _line("model", info["model_id"])
     _render_training(info.get("training") or {})
+    _render_tasks(info.get("tasks") or {})
     watcher = info.get("watcher", {})
     for root, why in watcher.get("degraded", {}).items():
         _line("degraded", f"{display_path(root)}: {why} (polling; see the log for the fix)", "yellow")
@@ -388,6 +400,303 @@ def _line(label: str, value: str, colour: str | None = None, markup: bool = Fals
     head = f"[bold {colour}]{label}[/]" if colour else f"[bold]{label}[/]"
     console.print(head + " " * max(1, 9 - len(label)), Text.from_markup(value) if markup else Text(value),
                   sep="", highlight=False, soft_wrap=True)
+
+
+@main.group()
+def task() -> None:
+    """The task queue: add tasks for the daemon to run, follow, cancel and retry them.
+
+    A task is a JSON object such as {"type": "self_train"} or {"type": "shell", "cmd":
+    ["pytest", "-q"]}. Types: self_train, shell, snapshot, rollback, reindex, mutate,
+    replay. Tasks can also be dropped as *.json files into run/queue/inbox/.
+    """
+
+
+@task.command("add")
+@click.argument("spec", required=False)
+@click.argument("args", nargs=-1)
+@click.option("--type", "task_type", default=None, help="Build the task from options instead of JSON "
+              "(shell: the command follows `--`).")
+@click.option("--cwd", default=None, help="shell: the folder to run in (inside a watched root).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=None,
+              help="shell: seconds before the command's process group is killed.")
+@click.option("--priority", type=click.IntRange(-100, 100), default=None,
+              help="Higher runs first (default: from the type's reward history).")
+@click.option("--key", default=None, help="Idempotency key: a task with a key seen before is not queued again.")
+@click.option("--wait", is_flag=True, help="Wait until the task ends; exit 0 done, 1 failed, 3 cancelled.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def task_add(ctx: click.Context, spec: str | None, args: tuple[str, ...], task_type: str | None, cwd: str | None,
+             timeout_s: float | None, priority: int | None, key: str | None, wait: bool, as_json: bool) -> None:
+    """Queue a task given as JSON (SPEC), or by --type: `gremlin task add --type shell -- pytest -q`."""
+    from agent_core import tasks
+
+    raw = _task_object(spec, args, task_type, cwd, timeout_s, priority, key)
+    settings = _settings(ctx)
+    with _store(settings) as store:
+        submitted = tasks.submit(store, settings, tasks.parse_task(raw), "cli")
+    woken = _wake_daemon(settings)
+    if wait:
+        row = _wait_task(settings, submitted.id)
+        _print_task(row, as_json)
+        sys.exit({"done": 0, "cancelled": 3}.get(row["state"], 1))
+    if as_json:
+        click.echo(json.dumps({**submitted.to_dict(), "daemon": woken}))
+        return
+    what = "queued" if submitted.created else "already queued under that key (not queued again)"
+    where = "the daemon runs it" if woken else "no daemon is running: it runs when one starts (make run)"
+    click.echo(f"task {submitted.id} {what}; {where}")
+
+
+def _task_object(spec, args, task_type, cwd, timeout_s, priority, key) -> object:
+    """The task as a JSON object, from SPEC or from the options."""
+    from agent_core.tasks import TaskError, parse_task_text
+
+    if task_type is None:
+        if spec is None or args:
+            raise click.UsageError("give the task as one JSON argument, e.g. '{\"type\": \"self_train\"}', "
+                                   "or use --type (shell: gremlin task add --type shell -- pytest -q)")
+        try:
+            raw = json.loads(spec)
+        except ValueError:
+            parse_task_text(spec, "task")  # raises the one-line message naming the problem
+        if not isinstance(raw, dict):
+            raise TaskError('task: must be a JSON object such as {"type": "self_train"}')
+    else:
+        raw = {"type": task_type}
+        argv = ([spec] if spec is not None else []) + list(args)
+        if task_type == "shell":
+            raw["cmd"] = argv
+        elif argv:
+            raise click.UsageError(f"a {task_type} task takes no command words; give its fields as JSON")
+    extra = {"cwd": cwd, "timeout_s": timeout_s, "priority": priority, "key": key}
+    return {**raw, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _wake_daemon(settings) -> bool:
+    """Tell a running daemon a task is waiting (it polls anyway); False when none runs."""
+    from agent_core.control import DaemonUnavailable, request
+
+    try:
+        request(settings, "tasks.wake", timeout=5.0)
+        return True
+    except (DaemonUnavailable, GremlinError, OSError):
+        return False
+
+
+def _wait_task(settings, task_id: int) -> dict:
+    """Poll until the task has ended; show its state meanwhile."""
+    import time
+
+    from agent_core import tasks
+
+    with console.status(f"task {task_id}: queued") as shown:
+        while True:
+            with _store(settings) as store:
+                row = tasks.get(store, task_id)
+            if row["state"] in tasks.FINAL:
+                return row
+            shown.update(f"task {task_id}: {row['state']} (attempt {row['attempts']})")
+            time.sleep(0.5)
+
+
+@contextmanager
+def _store(settings):
+    """The home's database as a writer, closed on exit."""
+    from memory.store import Store
+
+    store = Store(settings.memory.db, settings.memory.synchronous)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+TASK_COLUMNS = ("id", "state", "type", "priority", "attempts", "created", "finished", "reward", "summary")
+
+
+@task.command("list")
+@click.option("--state", "states", multiple=True, type=click.Choice(("queued", "running", "done", "failed",
+              "cancelled")), help="Only tasks in this state (repeatable).")
+@click.option("--type", "task_type", default=None, help="Only tasks of this type.")
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(1, 100_000), help="How many.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def task_list(ctx: click.Context, states: tuple[str, ...], task_type: str | None, limit: int, as_json: bool) -> None:
+    """The newest tasks, newest first (piped: one tab-separated line each)."""
+    with _store(_settings(ctx)) as store:
+        rows = store.list_tasks(states, task_type, limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no tasks yet; add one with: gremlin task add '{\"type\": \"self_train\"}'", err=True)
+        return
+    cells = [[_task_cell(r, c) for c in TASK_COLUMNS] for r in rows]
+    if not console.is_terminal:
+        for line in cells:
+            click.echo("\t".join(line))
+        return
+    table = Table()
+    for column in TASK_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for line in cells:
+        table.add_row(*line)
+    console.print(table)
+
+
+def _task_cell(row: dict, column: str) -> str:
+    if column in ("created", "finished"):
+        return (row[column] or "")[:19]
+    if column == "reward":
+        return "" if row["reward"] is None else f"{row['reward']:.2f}"
+    if column == "summary":
+        payload = row["payload"]
+        text = " ".join(payload["cmd"]) if "cmd" in payload else json.dumps(payload, ensure_ascii=False)
+        return " ".join((text if len(text) <= 60 else text[:59] + "…").split())
+    return str(row[column])
+
+
+def _print_task(row: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    for key in ("id", "type", "state", "priority", "attempts", "max_attempts", "source", "created", "started",
+                "finished", "exit_code", "reward", "error", "retry_of"):
+        if row.get(key) is not None:
+            _line(key, str(row[key]))
+    _line("payload", json.dumps(row["payload"], indent=2, ensure_ascii=False))
+    if row.get("result"):
+        _line("result", json.dumps(row["result"], indent=2, ensure_ascii=False))
+
+
+@task.command("show")
+@click.argument("task_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def task_show(ctx: click.Context, task_id: int, as_json: bool) -> None:
+    """Everything about TASK_ID: payload, state, attempts, result, reward, error."""
+    from agent_core import tasks
+
+    with _store(_settings(ctx)) as store:
+        _print_task(tasks.get(store, task_id), as_json)
+
+
+@task.command("cancel")
+@click.argument("task_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def task_cancel(ctx: click.Context, task_id: int, as_json: bool) -> None:
+    """Cancel TASK_ID: a queued task at once, a running one at its next heartbeat (its command is killed)."""
+    from agent_core import tasks
+
+    settings = _settings(ctx)
+    with _store(settings) as store:
+        state = tasks.cancel(store, task_id)
+    if as_json:
+        click.echo(json.dumps({"id": task_id, "state": state}))
+    elif state == "running":
+        click.echo(f"task {task_id} is running: asked it to stop")
+    else:
+        click.echo(f"task {task_id} is {state}")
+
+
+@task.command("retry")
+@click.argument("task_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def task_retry(ctx: click.Context, task_id: int, as_json: bool) -> None:
+    """Queue a finished TASK_ID again, as a new task with the same type and payload."""
+    from agent_core import tasks
+
+    settings = _settings(ctx)
+    with _store(settings) as store:
+        submitted = tasks.retry(store, settings, task_id)
+    _wake_daemon(settings)
+    click.echo(json.dumps(submitted.to_dict()) if as_json else f"task {submitted.id} queued (retry of {task_id})")
+
+
+@main.group()
+def snapshot() -> None:
+    """Snapshots of the watched files and the current model: create, list, diff, restore."""
+
+
+@snapshot.command("create")
+@click.option("-m", "--message", default="", help="What this snapshot is for.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def snapshot_create(ctx: click.Context, message: str, as_json: bool) -> None:
+    """Snapshot every watched file (content-addressed: unchanged files cost nothing)."""
+    from agent_core.snapshot import Snapshots
+
+    settings = _settings(ctx)
+    with _store(settings) as store:
+        info = Snapshots(settings, store).create(message)
+    click.echo(json.dumps(info.to_dict()) if as_json else f"snapshot {info.id[:12]}: {info.files} files")
+
+
+@snapshot.command("list")
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(1, 100_000), help="How many.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def snapshot_list(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Snapshots, newest first: id, time, files, model, message."""
+    from agent_core.snapshot import Snapshots
+
+    rows = [s.to_dict() for s in Snapshots(_settings(ctx)).list(limit)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        model = (r.get("model") or {}).get("id", "")
+        kind = " (partial)" if r.get("partial") else ""
+        click.echo("\t".join((r["id"][:12], r["time"][:19], f"{r['files']} files{kind}", model, r["message"])))
+    if not rows:
+        click.echo("no snapshots yet; make one with: gremlin snapshot create -m 'before the refactor'", err=True)
+
+
+@snapshot.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def snapshot_diff(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
+    """What changed from snapshot A to snapshot B (ids or unique prefixes), as unified diffs."""
+    from agent_core.snapshot import Snapshots
+
+    changes = Snapshots(_settings(ctx)).diff(a, b)
+    if as_json:
+        click.echo(json.dumps(changes, indent=2))
+        return
+    for c in changes:
+        click.echo(f"{c['change']}\t{display_path(c['path'])}")
+        if c.get("diff"):
+            click.echo(c["diff"].rstrip("\n"))
+    if not changes:
+        click.echo("no differences", err=True)
+
+
+@snapshot.command("restore")
+@click.argument("snapshot_id")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def snapshot_restore(ctx: click.Context, snapshot_id: str, as_json: bool) -> None:
+    """Put the watched files back as they were in SNAPSHOT_ID.
+
+    The present state is snapshotted first, so `gremlin snapshot restore UNDO_ID` undoes
+    it. Restored files are marked as Gremlin's own writes: they never feed training. The
+    model is not switched; `gremlin models rollback ID` does that.
+    """
+    from agent_core.snapshot import Snapshots
+
+    settings = _settings(ctx)
+    with _store(settings) as store:
+        done = Snapshots(settings, store).restore(snapshot_id)
+    if as_json:
+        click.echo(json.dumps(done.to_dict(), indent=2))
+        return
+    click.echo(f"restored {done.snapshot[:12]}: {len(done.written)} written, {len(done.deleted)} deleted, "
+               f"{done.unchanged} unchanged; undo with: gremlin snapshot restore {done.undo[:12]}")
 
 
 @main.command()

@@ -20,16 +20,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent_core.control import ControlServer
+from agent_core import tasks as task_queue
+from agent_core.tasks import TaskOutcome, TaskRunner, scan_inbox
+from agent_core.tool_executor import ToolExecutor
+from agents.planner_agent import Planner
 from config.errors import GremlinError
 from config.settings import notify_socket, secure_home
 from memory.service import EmbedQueue, Memory
 from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
+from self_mutation_watcher.mutation_daemon import MutationDaemon
 from self_mutation_watcher.watcher import Watcher, require_roots
 from self_training.feedback_loop import FeedbackLoop, parse_trigger, trigger_path, write_trigger_atomically
 from self_training.generate_dataset import NewPairCounter
 from self_training.replay import GitSync
 from self_training.trainer import Trainer, recover_interrupted_runs, switch_model
+from tools.shell_executor import ShellRefused, check_command, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +135,7 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.embedding: EmbedQueue | None = None
         self.trainer: Trainer | None = None
+        self.tasks: TaskRunner | None = None
         self.scheduler = None
 
     def request_stop(self, signum=None, frame=None) -> None:
@@ -166,6 +173,7 @@ class Daemon:
         s = self.settings
         t0 = time.monotonic()
         require_roots(s)  # before the model loads: a typo in a root costs no wait
+        check_commands(s)
         tightened = secure_home(s)
         if tightened:
             logger.warning("made the home private: folders 0700, files 0600 (other users could read them)",
@@ -188,9 +196,15 @@ class Daemon:
         self.watcher.start()
         stack.callback(self.watcher.stop)
         self.trainer = Trainer(s, self.store, self.memory, stop=self._stop)
+        self.planner = Planner(s, self.store)
+        self.trainer.planner = self.planner
+        executor = ToolExecutor(s, self.store, self.memory, wake_trainer=self._wake_trainer)
+        self.tasks = TaskRunner(s, self.store, executor, on_finished=self._task_finished)
         self._start_scheduler(stack)
+        self.tasks.start()
+        stack.callback(self.tasks.stop)  # before the scheduler and the store: a stopped task runs again later
         control = ControlServer(s, {"status": self.status, "search": self.search, "train": self.train,
-                                    "models.switch": self.switch_model})
+                                    "models.switch": self.switch_model, "tasks.wake": self.tasks.wake})
         control.start()
         stack.callback(control.stop)
 
@@ -205,11 +219,45 @@ class Daemon:
         jobs = (("trainer.poll", self.trainer.poll, cfg.poll_interval_s),
                 ("feedback.check", feedback.check, cfg.check_interval_s),
                 ("git.sync", GitSync(store, self.settings).run, cfg.check_interval_s),
-                ("memory.catch_up", self._catch_up_new, CATCH_UP_INTERVAL_S))
+                ("memory.catch_up", self._catch_up_new, CATCH_UP_INTERVAL_S),
+                ("tasks.inbox", self._take_inbox, self.settings.tasks.inbox_poll_s),
+                ("planner.order_queue", self.planner.order_queue, cfg.check_interval_s))
+        if self.settings.mutation.enabled:
+            mutations = MutationDaemon(self.settings, store, self._search_dicts, self._run_proposer, self._submit)
+            jobs += (("mutation.propose", mutations.check, cfg.check_interval_s),)
         for job_id, func, seconds in jobs:
             self.scheduler.add_job(_guarded(job_id, func), "interval", seconds=seconds, id=job_id, name=job_id)
         self.scheduler.start()
         stack.callback(self.scheduler.shutdown)  # waits for a running job; the trainer stops at its next step
+
+    def _take_inbox(self) -> None:
+        """Queue the task files dropped into run/queue/inbox/ and wake a runner."""
+        if scan_inbox(self.store, self.settings).queued:
+            self.tasks.wake()
+
+    def _task_finished(self, row: dict, outcome: TaskOutcome, memory_id: int | None) -> None:
+        """Embed the memory a finished task became."""
+        if memory_id is not None and outcome.memory:
+            self.embedding.submit_memories([(memory_id, outcome.memory[1])])
+
+    def _search_dicts(self, query: str, k: int) -> list[dict]:
+        return [hit.to_dict() for hit in self.memory.search(query, k)]
+
+    def _run_proposer(self, argv, request: bytes) -> tuple[bool, str, str]:
+        """Run the mutation proposer (allowlisted, in a watched root) with the request on stdin."""
+        ran = run_command(argv, self.settings, timeout_s=self.settings.mutation.proposer_timeout_s, input_bytes=request)
+        return ran.ok, ran.stdout, "" if ran.ok else f"exit {ran.exit_code}: {ran.stderr[-500:]}"
+
+    def _submit(self, raw: dict) -> int:
+        """Queue a task made inside the daemon, and wake a runner."""
+        submitted = task_queue.submit(self.store, self.settings, task_queue.parse_task(raw), "mutation")
+        self.tasks.wake()
+        return submitted.id
+
+    def _wake_trainer(self) -> None:
+        """Have the trainer look for its trigger now rather than at its next poll."""
+        if self.scheduler is not None:
+            self.scheduler.modify_job("trainer.poll", next_run_time=datetime.now(timezone.utc))
 
     def _catch_up_new(self) -> None:
         """Embed memories other processes added since the last pass (the start-up pass saw the rest)."""
@@ -221,7 +269,7 @@ class Daemon:
         """Control op: queue a retrain trigger and wake the trainer."""
         written = write_trigger_atomically(trigger_path(self.settings),
                                            parse_trigger(json.dumps(trigger), Path("<control request>")))
-        self.scheduler.modify_job("trainer.poll", next_run_time=datetime.now(timezone.utc))
+        self._wake_trainer()
         return written.to_dict()
 
     def switch_model(self, model_id: str | None = None) -> dict:
@@ -247,7 +295,21 @@ class Daemon:
             "recent_events": self.store.recent_events(RECENT_EVENTS),
             "failures": self.store.failure_counts(RECENT_EVENTS),
             "training": self.trainer.describe(),
+            "tasks": self.tasks.describe(),
         }
+
+
+def check_commands(settings) -> None:
+    """The configured verify and proposer commands must be allowed (a clear error at start)."""
+    named = [("verify", settings.mutation.verify)]
+    if settings.mutation.enabled:
+        named.append(("proposer", settings.mutation.proposer))
+    for key, argv in named:
+        if argv:
+            try:
+                check_command(argv, settings)
+            except ShellRefused as exc:
+                raise GremlinError(f"[mutation] {key}: {exc}") from None
 
 
 def _guarded(job_id: str, func):

@@ -38,7 +38,8 @@ def collect_status(settings) -> dict:
             info.update(counts=store.counts(), index_size=store.vector_count(model_id),
                         recent_events=store.recent_events(RECENT_EVENTS),
                         failures=store.failure_counts(RECENT_EVENTS),
-                        training={"state": "not running", "last_run": last_run(store)})
+                        training={"state": "not running", "last_run": last_run(store)},
+                        tasks={"counts": store.task_counts(), "running": []})
         finally:
             store.close()
     return info

@@ -2,8 +2,6 @@
 
 The rules (`decide`) take a `Signals` value and return a `Trigger` or None:
 
-- **task**: an explicit `{"type": "self_train"}` task always triggers (forced: no cooldown,
-  no minimum of new training pairs);
 - **mutation_watcher**: at least `min_logic_changes` changes to the "logic" files named by
   `[training] logic_globs` since the last trigger;
 - **semantic_drift**: the drift detector reports drifting, or over the last
@@ -12,8 +10,10 @@ The rules (`decide`) take a `Signals` value and return a `Trigger` or None:
 - **feedback**: a failed task, a shell command that exited non-zero, or a reward below
   `reward_threshold`.
 
-Every rule but the explicit task waits for `cooldown_s` after the last trigger and for at
-least `min_new_pairs` new training pairs, so an edit storm cannot start a training storm.
+Every rule waits for `cooldown_s` after the last trigger and for at least `min_new_pairs`
+new training pairs, so an edit storm cannot start a training storm. An explicit
+`{"type": "self_train"}` task is not a rule: the task runner writes its (forced) trigger
+when it runs the task (agent_core.tool_executor), so a cancelled one trains nothing.
 
 The trigger file `run/checkpoints/retrain_trigger.json` follows the contract in DESIGN.md.
 It is written atomically; a trigger that arrives while one is pending is coalesced into it;
@@ -74,13 +74,16 @@ class Trigger:
     note: str = ""
     event_ids: tuple[int, ...] = ()
     force: bool = False
+    task_ids: tuple[int, ...] = ()  # the self_train tasks waiting for this run
 
     def to_dict(self) -> dict:
-        """The contract's JSON object (`force` only when true)."""
+        """The contract's JSON object (`force` and `task_ids` only when set)."""
         out = {"trigger": self.trigger, "time": self.time, "note": self.note,
                "event_ids": list(self.event_ids)}
         if self.force:
             out["force"] = True
+        if self.task_ids:
+            out["task_ids"] = list(self.task_ids)
         return out
 
 
@@ -121,7 +124,7 @@ def parse_trigger(text: str, source: Path, now: datetime | None = None) -> Trigg
         raise TriggerError(f"{where}: key 'trigger' must be one of {', '.join(TRIGGER_KINDS)} "
                            f"(got {kind!r}); fix it or use \"manual\"")
     return Trigger(kind, _parse_time_key(raw, where, now), _parse_note(raw, where),
-                   _parse_event_ids(raw, where), _parse_force(raw, where))
+                   _parse_event_ids(raw, where), _parse_force(raw, where), _parse_ids(raw, "task_ids", "task", where))
 
 
 def _parse_time_key(raw: dict, where: str, now: datetime | None) -> str:
@@ -142,11 +145,15 @@ def _parse_note(raw: dict, where: str) -> str:
 
 
 def _parse_event_ids(raw: dict, where: str) -> tuple[int, ...]:
-    ids = raw.get("event_ids", [])
+    return _parse_ids(raw, "event_ids", "event", where)
+
+
+def _parse_ids(raw: dict, key: str, what: str, where: str) -> tuple[int, ...]:
+    ids = raw.get(key, [])
     if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-        raise TriggerError(f"{where}: key 'event_ids' must be a list of integer event ids "
+        raise TriggerError(f"{where}: key '{key}' must be a list of integer {what} ids "
                            f"(got {ids!r}); fix it or delete the key")
-    return _cap_ids(ids, MAX_EVENT_IDS)
+    return _cap_ids(ids, MAX_EVENT_IDS if what == "event" else MAX_TASK_IDS)
 
 
 def _parse_force(raw: dict, where: str) -> bool:
@@ -172,7 +179,7 @@ def coalesce(first: Trigger, second: Trigger) -> Trigger:
     earliest = min(first.time, second.time, key=parse_time)
     return Trigger(first.trigger, earliest, _join_notes(first.note, second.note),
                    _cap_ids((*first.event_ids, *second.event_ids), MAX_EVENT_IDS),
-                   first.force or second.force)
+                   first.force or second.force, _cap_ids((*first.task_ids, *second.task_ids), MAX_TASK_IDS))
 
 
 def manual_trigger(note: str = "", force: bool = False, now: datetime | None = None) -> Trigger:
@@ -313,7 +320,6 @@ class Signals:
     failed_task_ids: tuple[int, ...] = ()
     low_reward_ids: tuple[int, ...] = ()
     nonzero_shell_ids: tuple[int, ...] = ()
-    self_train_task_ids: tuple[int, ...] = ()
     new_pairs: int = 0
     last_trigger_time: str | None = None
     since_event_id: int = 0  # the newest event when the last trigger fired
@@ -390,10 +396,6 @@ def decide(signals: Signals, cfg: TrainingSettings, drift_threshold: float,
     now = now or datetime.now(timezone.utc)
     fired = fired_rules(signals, cfg, drift_threshold)
     ids = _cap_ids(signals.logic_event_ids, MAX_EVENT_IDS)
-    if signals.self_train_task_ids:
-        ids_text = _ids_text(signals.self_train_task_ids)
-        note = _join_notes(f"self_train task(s) {ids_text} requested a retrain", *(n for _, n in fired))
-        return Trigger("task", iso_utc(now), note, ids, force=True)
     if not fired or signals.new_pairs < cfg.min_new_pairs:
         return None
     if not cooldown_passed(signals.last_trigger_time, cfg.cooldown_s, now):
@@ -439,7 +441,7 @@ class RuleState:
     """The loop's cursors and the signals pending since the last trigger (kept in markers)."""
 
     last_event_id: int = 0
-    last_task_id: int = 0  # self_train tasks created after this
+    last_task_id: int = 0  # unused since the task runner writes self_train triggers; kept in old markers
     finished_cursor: tuple[str, int] = ("", 0)  # (finished, id) of the last finished task read
     memory_id: int = 0  # the newest memory when the last trigger fired
     since_event_id: int = 0  # the newest event read when the last trigger fired
@@ -448,7 +450,6 @@ class RuleState:
     failed: tuple[int, ...] = ()
     nonzero_shell: tuple[int, ...] = ()
     low_reward: tuple[int, ...] = ()
-    self_train: tuple[int, ...] = ()
 
     def to_markers(self) -> dict[str, str]:
         """The marker rows that persist this state."""
@@ -511,7 +512,7 @@ class FeedbackLoop:
         return dataclasses.replace(state, last_event_id=last, logic=_cap_ids(logic, cap))
 
     def _read_tasks(self, state: RuleState) -> RuleState:
-        """Advance the task cursors, keeping failures, bad results and self_train requests."""
+        """Advance the finished-task cursor, keeping failures and bad results."""
         found = {"failed": list(state.failed), "nonzero_shell": list(state.nonzero_shell),
                  "low_reward": list(state.low_reward)}
         cursor = state.finished_cursor
@@ -520,13 +521,8 @@ class FeedbackLoop:
                 for kind in classify_task(task, self.settings.training.reward_threshold):
                     found[kind].append(task["id"])
             cursor = (rows[-1]["finished"], rows[-1]["id"])
-        requests = self.store.tasks_created_after(state.last_task_id, "self_train")
-        wanted = [t["id"] for t in requests if t["state"] in ("queued", "running", "done")]
-        last_task = max([state.last_task_id, *(t["id"] for t in requests)])
-        return dataclasses.replace(
-            state, finished_cursor=cursor, last_task_id=last_task,
-            self_train=_cap_ids((*state.self_train, *wanted), MAX_TASK_IDS),
-            **{k: _cap_ids(v, MAX_TASK_IDS) for k, v in found.items()})
+        return dataclasses.replace(state, finished_cursor=cursor,
+                                   **{k: _cap_ids(v, MAX_TASK_IDS) for k, v in found.items()})
 
     def _signals(self, state: RuleState, now: datetime) -> Signals:
         """The rules' input; new pairs are counted only when a gated rule could fire."""
@@ -535,9 +531,9 @@ class FeedbackLoop:
         shifts = tuple(s for _, s in self.store.memory_shifts_after(state.memory_id, window))
         drift = self.drift_state() if self.drift_state else None
         signals = Signals(state.logic, shifts, bool(getattr(drift, "drifting", False)), state.failed,
-                          state.low_reward, state.nonzero_shell, state.self_train, 0,
+                          state.low_reward, state.nonzero_shell, 0,
                           state.last_trigger_time, state.since_event_id)
-        if (not signals.self_train_task_ids and cooldown_passed(state.last_trigger_time, cfg.cooldown_s, now)
+        if (cooldown_passed(state.last_trigger_time, cfg.cooldown_s, now)
                 and fired_rules(signals, cfg, self.settings.watch.drift_threshold)):
             signals = dataclasses.replace(signals, new_pairs=self.count_new_pairs(state.since_event_id))
         return signals

@@ -85,19 +85,10 @@ def test_feedback_rule_fires_on_any_bad_result(field, words):
     assert trigger.trigger == "feedback" and words in trigger.note
 
 
-def test_self_train_task_always_triggers_forced():
-    signals = Signals(self_train_task_ids=(3,), new_pairs=0, last_trigger_time=_ago(10))
-    trigger = decide(signals, CFG, DRIFT, NOW)
-    assert trigger.trigger == "task" and trigger.force and "self_train task(s) 3" in trigger.note
-
-
-def test_cooldown_blocks_rules_but_not_an_explicit_task():
+def test_cooldown_blocks_rules():
     busy = Signals(logic_event_ids=tuple(range(30)), **ENOUGH, last_trigger_time=_ago(3599))
     assert decide(busy, CFG, DRIFT, NOW) is None
     assert decide(dataclasses.replace(busy, last_trigger_time=_ago(3600)), CFG, DRIFT, NOW)
-    forced = dataclasses.replace(busy, self_train_task_ids=(1,))
-    trigger = decide(forced, CFG, DRIFT, NOW)
-    assert trigger.force and "30 logic-file changes" in trigger.note  # what else was pending rides along
 
 
 def test_too_few_new_pairs_blocks_rules():
@@ -284,14 +275,22 @@ def test_task_results_feed_the_rules(loop_settings, store: Store):
     assert "1 failed task(s)" in loop.check(NOW + timedelta(hours=2)).note  # ... and fires after it
 
 
-def test_a_self_train_task_triggers_at_once_and_only_once(loop_settings, store: Store):
+def test_a_queued_self_train_task_is_left_to_the_task_runner(loop_settings, store: Store):
+    # the runner writes its forced trigger when it runs it: a task cancelled before then trains nothing
     loop = FeedbackLoop(loop_settings, store, lambda after: 0)
     store.insert_task("self_train")
-    trigger = loop.check(NOW)
-    assert trigger.trigger == "task" and trigger.force
-    assert loop.check(NOW + timedelta(seconds=1)) is None
-    store.insert_task("self_train")
-    assert loop.check(NOW + timedelta(seconds=2)).force  # explicit requests skip the cooldown
+    assert loop.check(NOW) is None
+    assert not trigger_path(loop_settings).exists()
+
+
+def test_task_ids_survive_parsing_and_coalescing(tmp_path):
+    path = tmp_path / "retrain_trigger.json"
+    write_trigger_atomically(path, Trigger("task", "2024-01-01T00:00:00.000+00:00", "a", (), True, (7,)))
+    merged = write_trigger_atomically(path, Trigger("manual", "2024-01-02T00:00:00.000+00:00", "b", (), False, (9,)))
+    assert merged.task_ids == (7, 9) and merged.force
+    assert parse_trigger(path.read_text(), path).task_ids == (7, 9)
+    with pytest.raises(TriggerError, match="'task_ids' must be a list of integer task ids"):
+        parse_trigger('{"trigger": "task", "task_ids": ["7"]}', path)
 
 
 def test_low_similarity_of_new_memories_triggers_drift(loop_settings, store: Store):
