@@ -17,17 +17,21 @@ its first and last `max_output_bytes / 2` bytes. On timeout or when `stop` is se
 whole process group gets SIGTERM, then SIGKILL after a grace period, so grandchildren die
 too; so do processes a finished command left holding its pipes. A child that leaves the
 group (`setsid`) escapes this; only a cgroup could hold it. The command itself is killed
-when the process that started it dies (Linux `PR_SET_PDEATHSIG`), so a daemon killed with
-SIGKILL does not leave it running while the task is claimed and run again.
+when the process that started it dies (Linux `PR_SET_PDEATHSIG`, set by util-linux's
+`setpriv --pdeathsig KILL`, which costs one exec; a `preexec_fn` would force a fork of the
+whole daemon, 5 ms at its size, instead of a vfork), so a daemon killed with SIGKILL does not
+leave it running while the task is claimed and run again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import math
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -49,6 +53,7 @@ FINAL_DRAIN_S = 1.0  # reading what is left once the group is dead
 CHUNK = 65_536
 PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)  # looked up before any fork: the child only calls it
+SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
 
 class ShellRefused(GremlinError):
@@ -199,6 +204,24 @@ def confine_cwd(cwd: str | Path | None, settings) -> Path:
     return resolved
 
 
+@functools.cache
+def _death_signal_prefix() -> tuple[str, ...]:
+    """`setpriv --pdeathsig KILL --` when this system's setpriv has it, else () (then a preexec hook)."""
+    setpriv = shutil.which("setpriv", path=SYSTEM_PATH)
+    if setpriv is None:
+        return ()
+    try:
+        usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--") if "--pdeathsig" in usage else ()
+
+
+def _dying_with_us(exe: str) -> dict:
+    """Popen arguments that kill the command when this process dies."""
+    return {} if _death_signal_prefix() else {"preexec_fn": _die_with(os.getpid())}
+
+
 def _die_with(parent: int):
     """A child-side hook: get SIGKILL when the parent dies (exit at once if it already has)."""
     def hook() -> None:
@@ -220,10 +243,10 @@ def run_command(argv: Sequence[str], settings, cwd: str | Path | None = None, ti
     logger.info("command started", extra={"argv": list(argv), "cwd": str(workdir), "timeout_s": limit})
     started = time.monotonic()
     try:
-        proc = subprocess.Popen([exe, *argv[1:]], cwd=workdir, env=scrubbed_env(settings, base_env),
+        proc = subprocess.Popen([*_death_signal_prefix(), exe, *argv[1:]], cwd=workdir, env=scrubbed_env(settings, base_env),
                                 stdin=subprocess.DEVNULL if input_bytes is None else subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                close_fds=True, preexec_fn=_die_with(os.getpid()))
+                                close_fds=True, **_dying_with_us(exe))
     except OSError as exc:
         raise ShellRefused(f"cannot start {exe}: {exc.strerror or exc}") from exc
     out, err = CappedBuffer(settings.shell.max_output_bytes), CappedBuffer(settings.shell.max_output_bytes)
@@ -264,12 +287,12 @@ def _supervise(proc: subprocess.Popen, pipes: dict, deadline: float,
         for pipe, target in pipes.items():
             sel.register(pipe, selectors.EVENT_WRITE if isinstance(target, PendingInput) else selectors.EVENT_READ,
                          target)
-        exited_at = None
+        exited_at, exit_fd = None, _pidfd(proc)
         while sel.get_map() or exited_at is None:
             if sel.get_map():
                 _pump(sel, POLL_S)
             else:
-                _wait_quietly(proc, POLL_S)
+                _wait_quietly(proc, exit_fd, POLL_S)
             now, stopped = time.monotonic(), stop is not None and stop.is_set()
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
@@ -284,11 +307,25 @@ def _supervise(proc: subprocess.Popen, pipes: dict, deadline: float,
                 break
     _close_pipes(pipes)
     proc.wait()
+    if exit_fd is not None:
+        os.close(exit_fd)
     return timed_out, cancelled
 
 
-def _wait_quietly(proc: subprocess.Popen, timeout: float) -> None:
-    """Wait up to `timeout` for the process to exit (its pipes are already closed)."""
+def _pidfd(proc: subprocess.Popen) -> int | None:
+    """A descriptor that becomes readable when the process exits (Linux 5.3+), else None."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # an older kernel, or already reaped
+        return None
+
+
+def _wait_quietly(proc: subprocess.Popen, exit_fd: int | None, timeout: float) -> None:
+    """Wait up to `timeout` for the process to exit (its pipes are already closed): on its
+    pidfd when there is one (woken at once), else by `Popen.wait`'s polling sleeps."""
+    if exit_fd is not None:
+        select.select([exit_fd], [], [], timeout)
+        return
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
