@@ -37,11 +37,11 @@ from pathlib import Path, PurePosixPath
 import unidiff
 from unidiff.constants import DEV_NULL, LINE_TYPE_ADDED, LINE_TYPE_CONTEXT, LINE_TYPE_NO_NEWLINE, LINE_TYPE_REMOVED
 
-from agent_core.snapshot import (DELETED_SHA, GIT_EXEC, GIT_FILE, SnapshotInfo, Snapshots, permission_for,
-                                 remove_empty_parents, write_file_atomically)
+from agent_core.snapshot import GIT_EXEC, GIT_FILE, SnapshotInfo, Snapshots, permission_for, remove_empty_parents
 from config.errors import GremlinError
-from memory.atomic import fsync_dir
+from memory.atomic import fsync_dir, write_bytes_atomically
 from memory.paths import display_path
+from memory.store import DELETED_SHA
 from self_mutation_watcher.diff_engine import is_binary, sha256_bytes
 from tools.shell_executor import ShellResult, run_command
 
@@ -258,7 +258,7 @@ class Kernel:
             else:
                 self._announce(change.path, sha256_bytes(change.new))
                 change.path.parent.mkdir(parents=True, exist_ok=True)
-                write_file_atomically(change.path, change.new, change.mode)
+                write_bytes_atomically(change.path, change.new, change.mode)
 
     def _announce(self, path: Path, sha: str) -> None:
         """Tell the watcher this write is Gremlin's own (tagged by_gremlin, never learnt from)."""

@@ -46,7 +46,7 @@ from dulwich.objects import Blob, Commit, Tree
 from dulwich.repo import Repo
 
 from config.errors import GremlinError
-from memory.atomic import fsync_dir
+from memory.atomic import fsync_dir, write_bytes_atomically
 from memory.paths import display_path
 from memory.store import DELETED_SHA, utc_now
 from memory.vector_store.embedder import current_model_file
@@ -131,24 +131,6 @@ class _Scan:
     absent: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     perms: dict[str, str] = field(default_factory=dict)  # path -> octal bits, where git's mode says too little
-
-
-def write_file_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` and permission bits `mode` in one step (temp file beside it,
-    fsync, os.replace, fsync the folder); the mode is set before the switch, so no reader
-    sees the file with the wrong one."""
-    fd, tmp = tempfile.mkstemp(prefix=".gremlin-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def remove_empty_parents(folder: Path, root: Path) -> None:
@@ -558,7 +540,7 @@ class Snapshots:
             os.chmod(snap.path, snap.perm)
         else:
             snap.path.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomically(snap.path, data, snap.perm)
+            write_bytes_atomically(snap.path, data, snap.perm)
         return True
 
     def _root_of(self, path: Path) -> Path:

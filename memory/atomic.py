@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 
-def write_bytes_atomically(path: Path, data: bytes | memoryview) -> None:
-    """Replace `path` with `data` in one step."""
+def write_bytes_atomically(path: Path, data: bytes | memoryview, mode: int | None = None) -> None:
+    """Replace `path` with `data` in one step; `mode` sets its permission bits before the
+    switch, so no reader sees the file with the wrong ones."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -21,6 +22,8 @@ def write_bytes_atomically(path: Path, data: bytes | memoryview) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
