@@ -35,6 +35,7 @@ from self_training.feedback_loop import FeedbackLoop, parse_trigger, trigger_pat
 from self_training.generate_dataset import NewPairCounter
 from self_training.replay import GitSync
 from self_training.trainer import Trainer, recover_interrupted_runs, switch_model
+from tools.reward_model import RewardModel
 from tools.shell_executor import ShellRefused, check_command, run_command
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class Daemon:
         t0 = time.monotonic()
         require_roots(s)  # before the model loads: a typo in a root costs no wait
         check_commands(s)
+        rewards = RewardModel(s)  # a bad [reward] plugin stops the start before the model loads
         tightened = secure_home(s)
         if tightened:
             logger.warning("made the home private: folders 0700, files 0600 (other users could read them)",
@@ -198,7 +200,7 @@ class Daemon:
         self.trainer = Trainer(s, self.store, self.memory, stop=self._stop)
         self.planner = Planner(s, self.store)
         self.trainer.planner = self.planner
-        executor = ToolExecutor(s, self.store, self.memory, wake_trainer=self._wake_trainer)
+        executor = ToolExecutor(s, self.store, self.memory, wake_trainer=self._wake_trainer, rewards=rewards)
         self.tasks = TaskRunner(s, self.store, executor, on_finished=self._task_finished)
         self._start_scheduler(stack)
         self.tasks.start()
