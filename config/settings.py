@@ -134,10 +134,13 @@ class LoggingSettings:
 
 @dataclass(frozen=True)
 class DashboardSettings:
-    """Where the local dashboard listens."""
+    """Where the local dashboard listens, and whether it may listen beyond this machine."""
 
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8765
+    allow_remote: bool = False
+    threads: int = 4
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("model", "batch_size"): (0, 4096), ("model", "max_seq_length"): (8, 8192),
     ("memory", "index_save_interval_s"): (0, DAY_S), ("memory", "memory_chars"): (64, 1_000_000),
     ("logging", "max_bytes"): (1024, 10 * 1024 * MIB), ("logging", "backup_count"): (0, 1000),
-    ("dashboard", "port"): (1, 65_535),
+    ("dashboard", "port"): (1, 65_535), ("dashboard", "threads"): (1, 64),
     ("training", "min_logic_changes"): (1, 1_000_000), ("training", "confidence_threshold"): (0, 1),
     ("training", "confidence_window"): (1, 100_000), ("training", "reward_threshold"): (0, 1),
     ("training", "cooldown_s"): (0, 30 * DAY_S), ("training", "min_new_pairs"): (0, 1_000_000),
@@ -434,10 +437,25 @@ def parse_settings(raw: dict, home: Path, config_file: Path) -> Settings:
     if planner.learning_rate_min > planner.learning_rate_max:
         raise ConfigError(f"{config_file}: [planner] learning_rate_min ({planner.learning_rate_min}) is above "
                           f"learning_rate_max ({planner.learning_rate_max}); swap them")
+    _check_dashboard(sections["dashboard"], config_file)
     if sections["mutation"].enabled and not sections["mutation"].proposer:
         raise ConfigError(f"{config_file}: [mutation] enabled = true needs a proposer command "
                           '(e.g. proposer = ["my-llm", "--patch"]); set one or turn it off')
     return Settings(home=home, config_file=config_file, **sections)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is this machine only (127.0.0.0/8, ::1, localhost)."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _check_dashboard(dashboard: DashboardSettings, config_file: Path) -> None:
+    if dashboard.enabled and not is_loopback(dashboard.host) and not dashboard.allow_remote:
+        raise ConfigError(f"{config_file}: [dashboard] host = {dashboard.host!r} is reachable from other machines; "
+                          "keep host = \"127.0.0.1\" (use an SSH tunnel), or set allow_remote = true to mean it")
 
 
 def _parse_section(name: str, values: dict, home: Path, config_file: Path):
