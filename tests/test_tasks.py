@@ -99,9 +99,12 @@ def test_threads_claiming_at_once_never_take_a_task_twice(tmp_path):
 
 
 CLAIMER = """
-import sys
+import os, sys, time
 from memory.store import Store
 store = Store(sys.argv[1])
+open(sys.argv[2] + ".ready", "w").close()
+while not os.path.exists(sys.argv[4]):  # all start claiming together
+    time.sleep(0.005)
 with open(sys.argv[2], "w") as out:
     while (row := store.claim_task(int(sys.argv[3]), 60)) is not None:
         out.write(f"{row['id']}\\n")
@@ -115,8 +118,11 @@ def test_processes_claiming_at_once_never_take_a_task_twice(tmp_path):
     with _opened(db) as store:
         ids = [store.submit_task("snapshot", {"n": n})[0] for n in range(300)]
     outs = [tmp_path / f"claims{n}.txt" for n in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(db), str(out), str(n)], cwd=REPO)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(db), str(out), str(n), str(go)], cwd=REPO)
              for n, out in enumerate(outs)]
+    wait_for(lambda: all(Path(f"{out}.ready").exists() for out in outs), 60, 0.05, "the claimers to start")
+    go.touch()
     assert [p.wait(120) for p in procs] == [0] * 4
     taken = [int(line) for out in outs for line in out.read_text().split()]
     assert sorted(taken) == ids and max(Counter(taken).values()) == 1
