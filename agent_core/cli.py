@@ -402,6 +402,119 @@ def _line(label: str, value: str, colour: str | None = None, markup: bool = Fals
                   sep="", highlight=False, soft_wrap=True)
 
 
+LEVEL_STYLES = {"DEBUG": "dim", "INFO": "green", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red"}
+
+
+def _when_option(ctx: click.Context, param: click.Parameter, value: str | None):
+    """--since/--until as an aware datetime; a clear usage error (exit 2) when it is neither form."""
+    from agent_core.logs import parse_when
+
+    try:
+        return None if value is None else parse_when(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.option("-f", "--follow", is_flag=True, help="Then keep printing records as they are written, across log "
+              "rotation, until Ctrl-C.")
+@click.option("--since", metavar="WHEN", callback=_when_option, help="Only records at or after WHEN: a duration "
+              "back from now (90s, 15m, 1h, 2d) or an ISO-8601 time (UTC unless it names an offset).")
+@click.option("--until", metavar="WHEN", callback=_when_option, help="Only records at or before WHEN (as --since).")
+@click.option("--level", type=click.Choice(("debug", "info", "warning", "error", "critical"), case_sensitive=False),
+              default=None, help="Only records at this level or above.")
+@click.option("--component", metavar="NAME", default=None, help="Only records of this component: watcher, trainer, "
+              "feedback, git, memory, tasks, planner, dashboard, daemon, service, cli, or a library's name.")
+@click.option("--grep", "text", metavar="TEXT", default=None,
+              help="Only records whose line (as piped output shows it) contains TEXT, ignoring case.")
+@click.option("--run", "run_id", metavar="RUN_ID", default=None, help="Only the records of training run RUN_ID.")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=None,
+              help="Only the last N matching records (with -f: 10 unless given).")
+@click.option("--json", "as_json", is_flag=True, help="Print each record as stored: one JSON object a line.")
+@click.pass_context
+def logs(ctx: click.Context, follow: bool, since, until, level: str | None, component: str | None, text: str | None,
+         run_id: str | None, lines: int | None, as_json: bool) -> None:
+    """Show the daemon's log: data/logs/system/gremlin.log and its rotated files, oldest first.
+
+    On a terminal: time (UTC), level, component, message, key=value fields. Piped: one
+    tab-separated line a record (time, level, component, message and fields). A line that
+    is not a record (half-written, binary junk) is shown as CORRUPT with its text escaped:
+    --level and --component keep it (it has neither), --grep and --run match its text, and
+    --since/--until place it between the records around it.
+    """
+    import threading
+    from collections import deque
+
+    from agent_core.logs import follow_records, read_records, system_log_dir
+
+    settings = _settings(ctx)
+    if not system_log_dir(settings).is_dir():
+        click.echo(f"no log folder yet ({display_path(system_log_dir(settings))}); the daemon makes it when it "
+                   "starts", err=True)
+        return
+    filters = {"since": since, "until": until, "level": level, "component": component, "grep": text, "run_id": run_id}
+    stop = threading.Event()
+    try:
+        # The tail is placed before the history is read: a record written in between is shown
+        # twice rather than lost.
+        tail = follow_records(settings, stop, **filters) if follow else ()
+        history = read_records(settings, **filters)
+        keep = 10 if follow and lines is None else lines
+        shown = _show_logs(history if keep is None else deque(history, maxlen=keep), as_json)
+        if not (shown or follow or as_json):
+            click.echo(f"no matching records in {display_path(system_log_dir(settings))}", err=True)
+        _show_logs(tail, as_json)
+    except KeyboardInterrupt:
+        stop.set()  # Ctrl-C is how -f ends: not an error
+    except BrokenPipeError:
+        _quiet_stdout()
+
+
+def _quiet_stdout() -> None:
+    """The reader of our output went away (`gremlin logs | head`): stop quietly, as cat and grep do."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _show_logs(records, as_json: bool) -> int:
+    """Print log records (JSON lines, Rich lines on a terminal, plain lines piped); returns how many."""
+    count = 0
+    for rec in records:
+        if as_json:
+            click.echo(json.dumps({"corrupt": True, "file": rec.file, "reason": rec.fields["reason"], "raw": rec.raw})
+                       if rec.corrupt else rec.raw)
+        elif console.is_terminal:
+            _print_log_record(rec)
+        else:
+            click.echo(rec.plain())
+        count += 1
+    return count
+
+
+def _print_log_record(rec) -> None:
+    """One record on a terminal: dim time, coloured level, component, message, dim key=value fields,
+    and its traceback below."""
+    line = Text()
+    if rec.corrupt:
+        line.append("CORRUPT ", style="bold magenta")
+        line.append(rec.message)
+        line.append(f"  [{rec.file}: {rec.fields['reason']}]", style="dim")
+        console.print(line, highlight=False, soft_wrap=True)
+        return
+    line.append(rec.time.replace("+00:00", "Z") + " ", style="dim")
+    line.append(f"{rec.level:<8}", style=LEVEL_STYLES.get(rec.level, ""))
+    line.append(f"{rec.component or '-':<10}", style="cyan")
+    line.append(display_path(rec.message))
+    for key, value in rec.shown_fields():
+        line.append(f" {key}=", style="dim")
+        line.append(value)
+    console.print(line, highlight=False, soft_wrap=True)
+    if isinstance(rec.fields.get("exc"), str):
+        console.print(Text("\n".join("    " + display_path(x) for x in rec.fields["exc"].splitlines()), style="dim"),
+                      highlight=False, soft_wrap=True)
+
+
 @main.group()
 def task() -> None:
     """The task queue: add tasks for the daemon to run, follow, cancel and retry them.

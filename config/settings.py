@@ -1,7 +1,7 @@
 """Load `config/gremlin.toml` into one frozen dataclass tree and validate it.
 
 Every error names the file, the key and what to do. Environment variables are read
-here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `XDG_DATA_HOME`, `XDG_RUNTIME_DIR`).
+here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `JOURNAL_STREAM`, `XDG_DATA_HOME`, `XDG_RUNTIME_DIR`).
 """
 
 from __future__ import annotations
@@ -356,6 +356,12 @@ def runtime_dir() -> str | None:
 def notify_socket() -> str | None:
     """The systemd notification socket, when run as a `Type=notify` service."""
     return os.environ.get("NOTIFY_SOCKET") or None
+
+
+def journal_stream() -> str | None:
+    """`$JOURNAL_STREAM` ("device:inode" of the journal stream), set by systemd when a service's
+    stdout or stderr goes to the journal."""
+    return os.environ.get("JOURNAL_STREAM") or None
 
 
 def init_home(home: Path) -> Path:
