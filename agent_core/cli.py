@@ -78,7 +78,7 @@ def init(directory: Path) -> None:
 @click.option("--quiet", is_flag=True, help="Do not log to the terminal (the log files still get everything).")
 @click.pass_context
 def daemon(ctx: click.Context, watch: tuple[Path, ...], quiet: bool) -> None:
-    """Run the daemon in the foreground until Ctrl-C or SIGTERM.
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM (SIGHUP reloads the config).
 
     It watches the configured roots, records every change in data/gremlin.db, embeds it,
     and answers searches on run/gremlin.sock. Logs: data/logs/system/gremlin.log.
@@ -89,7 +89,7 @@ def daemon(ctx: click.Context, watch: tuple[Path, ...], quiet: bool) -> None:
     settings = _settings(ctx).with_extra_roots(watch)
     init_home(settings.home)  # the home's folders (data/logs/...) exist before anything watches them
     configure_logging(settings, console=not quiet)
-    sys.exit(Daemon(settings).run())
+    sys.exit(Daemon(settings, extra_roots=watch).run())
 
 
 @main.command()
@@ -513,6 +513,111 @@ def _print_log_record(rec) -> None:
     if isinstance(rec.fields.get("exc"), str):
         console.print(Text("\n".join("    " + display_path(x) for x in rec.fields["exc"].splitlines()), style="dim"),
                       highlight=False, soft_wrap=True)
+
+
+@main.group()
+def service() -> None:
+    """Run the daemon as a systemd service: install its unit, remove it, ask its state.
+
+    A user unit (--user; the default unless root) lives in ~/.config/systemd/user/ and runs
+    while its user has a session (or lingers); a system unit (--system; the default for root)
+    lives in /etc/systemd/system/ and runs as the home's owner from boot. One unit per mode.
+    """
+
+
+def _mode_options(func):
+    """--user / --system, one value `mode` (None: the default for this user)."""
+    func = click.option("--system", "mode", flag_value="system",
+                        help="A system unit in /etc/systemd/system/ (needs root; default for root).")(func)
+    return click.option("--user", "mode", flag_value="user",
+                        help="A user unit in ~/.config/systemd/user/ (default unless root).")(func)
+
+
+@service.command("install")
+@_mode_options
+@click.option("--home", "home", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The home the service runs (default: gremlin's --home, $GREMLIN_HOME, ...).")
+@click.option("--print", "print_only", is_flag=True, help="Print the unit on stdout; install nothing.")
+@click.pass_context
+def service_install(ctx: click.Context, mode: str | None, home: Path | None, print_only: bool) -> None:
+    """Install, enable and start the daemon as a systemd service (Type=notify, watchdog, hardened).
+
+    Writes the unit (config/gremlin.service filled in: this environment's gremlin, the home,
+    the watched roots), then runs systemctl daemon-reload and enable --now. Where no service
+    manager answers (systemd is not running, no user session) it says why in one line on
+    stderr, prints the unit on stdout with where to put it, installs nothing and exits 0,
+    as --print does.
+    """
+    from agent_core import service as svc
+
+    mode = mode or svc.default_mode()
+    settings = load_settings(home or ctx.obj["home"])
+    if print_only:
+        click.echo(svc.render_unit(settings, mode, svc.gremlin_executable(), svc.service_user(settings, mode)),
+                   nl=False)
+        return
+    result = svc.install(settings, mode)
+    if not result.installed:
+        click.echo(f"{result.problem}: nothing installed; save the unit below as {display_path(result.path)}, "
+                   f"then run: {svc.enable_commands(mode)}", err=True)
+        click.echo(result.unit, nl=False)
+        return
+    _render_installed(result)
+
+
+def _render_installed(result) -> None:
+    ctl = "systemctl --user" if result.mode == "user" else "systemctl"
+    console.print(Text(f"installed {display_path(result.path)} ({result.mode} unit); enabled and starting: "
+                       "see `gremlin service status`"), highlight=False, soft_wrap=True)
+    if result.was_running:
+        console.print(f"it was running already: `{ctl} restart gremlin.service` makes it use the new unit",
+                      highlight=False, soft_wrap=True)
+    if not result.lingering:
+        console.print("it runs while you are logged in; to keep it running after you log out: "
+                      "loginctl enable-linger", highlight=False, soft_wrap=True)
+
+
+@service.command("uninstall")
+@_mode_options
+def service_uninstall(mode: str | None) -> None:
+    """Stop and disable the service, remove its unit file, reload systemd (no unit: nothing to do)."""
+    from agent_core import service as svc
+
+    result = svc.uninstall(mode or svc.default_mode())
+    if not result.removed:
+        console.print(Text(f"no unit at {display_path(result.path)}: nothing to remove"), highlight=False,
+                      soft_wrap=True)
+        return
+    done = f"stopped, disabled and removed {display_path(result.path)} (home {display_path(result.home)})"
+    if result.problem:
+        done = f"removed {display_path(result.path)}; {result.problem}, so nothing was stopped"
+    console.print(Text(done), highlight=False, soft_wrap=True)
+
+
+@service.command("status")
+@_mode_options
+def service_status(mode: str | None) -> None:
+    """The unit file, the home it runs, and what systemd says: state, pid, the daemon's status line.
+
+    Exit code: 0 when systemd runs it, 3 when it does not (as `systemctl is-active`).
+    """
+    from agent_core import service as svc
+
+    info = svc.status(mode or svc.default_mode())
+    where = display_path(info.path)
+    _line("unit", f"{where} (home {display_path(info.home)})" if info.home else f"not installed ({where})")
+    p = info.properties
+    if info.problem:
+        _line("systemd", info.problem, "yellow")
+    elif p.get("LoadState") == "not-found":
+        _line("systemd", "does not know gremlin.service")
+    else:
+        pid = f", pid {p['MainPID']}" if p.get("MainPID", "0") != "0" else ""
+        _line("systemd", f"{p.get('ActiveState', '?')} ({p.get('SubState', '?')}), {p.get('UnitFileState') or '?'}"
+                         f"{pid}, {p.get('NRestarts', '0')} restarts, last result {p.get('Result', '?')}")
+        if p.get("StatusText"):
+            _line("status", p["StatusText"])
+    sys.exit(0 if info.active else 3)
 
 
 @main.group()

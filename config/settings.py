@@ -1,7 +1,8 @@
 """Load `config/gremlin.toml` into one frozen dataclass tree and validate it.
 
 Every error names the file, the key and what to do. Environment variables are read
-here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `JOURNAL_STREAM`, `XDG_DATA_HOME`, `XDG_RUNTIME_DIR`).
+here and nowhere else (`GREMLIN_HOME`, `NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID`, `JOURNAL_STREAM`,
+`XDG_CONFIG_HOME`, `XDG_DATA_HOME`, `XDG_RUNTIME_DIR`).
 """
 
 from __future__ import annotations
@@ -356,6 +357,21 @@ def runtime_dir() -> str | None:
 def notify_socket() -> str | None:
     """The systemd notification socket, when run as a `Type=notify` service."""
     return os.environ.get("NOTIFY_SOCKET") or None
+
+
+def watchdog_interval_s() -> float | None:
+    """systemd's watchdog interval (`$WATCHDOG_USEC`) in seconds, or None when there is none for
+    this process (`$WATCHDOG_PID`, when set, names the process it is meant for)."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1_000_000
+
+
+def config_home() -> Path:
+    """`$XDG_CONFIG_HOME`, else ~/.config (where a user's systemd units live, under systemd/user/)."""
+    value = os.environ.get("XDG_CONFIG_HOME", "")
+    return Path(value) if os.path.isabs(value) else Path.home() / ".config"  # a relative one is invalid (XDG spec)
 
 
 def journal_stream() -> str | None:
