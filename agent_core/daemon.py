@@ -20,12 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent_core.control import ControlServer
+from agent_core.service import Notifier, plan_reload
 from agent_core import tasks as task_queue
 from agent_core.tasks import TaskOutcome, TaskRunner, scan_inbox
 from agent_core.tool_executor import ToolExecutor
 from agents.planner_agent import Planner
 from config.errors import GremlinError
-from config.settings import notify_socket, secure_home
+from config.settings import is_loopback, load_settings, notify_socket, secure_home, watchdog_interval_s
 from memory.service import EmbedQueue, Memory
 from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
@@ -125,8 +126,9 @@ def sd_notify(message: str) -> bool:
 class Daemon:
     """One daemon process on one home."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, extra_roots: tuple[Path, ...] = ()):
         self.settings = settings
+        self.extra_roots = tuple(extra_roots)  # `--watch`: kept across a reload of the config
         self.state = "starting"
         self.started = utc_now()
         self._stop = threading.Event()
@@ -138,6 +140,10 @@ class Daemon:
         self.trainer: Trainer | None = None
         self.tasks: TaskRunner | None = None
         self.scheduler = None
+        self.feedback: FeedbackLoop | None = None
+        self.mutations: MutationDaemon | None = None
+        self.notifier = Notifier(sd_notify, watchdog_interval_s(), active=notify_socket() is not None)
+        self._reload = threading.Event()
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: ask the main loop to stop; a second signal forces an exit."""
@@ -147,10 +153,61 @@ class Daemon:
         logger.info("stop requested", extra={"signal": signum})
         self._stop.set()
 
+    def request_reload(self, signum=None, frame=None) -> None:
+        """SIGHUP handler: ask the main loop to read the config again."""
+        self._reload.set()
+
+    def reload(self) -> None:
+        """Read the config again: apply what can change live, log what needs a restart; a bad one is refused."""
+        self._reload.clear()
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.settings.home).with_extra_roots(self.extra_roots)
+            check_commands(new)
+            RewardModel(new)  # a config the next start would refuse is refused now
+        except GremlinError as exc:
+            logger.error("config reload refused; the running config stays", extra={"error": str(exc)})
+        else:
+            self._apply_settings(new)
+        finally:
+            self.notifier.ready(self._status_line())  # systemd leaves "reloading" whatever happened
+
+    def _apply_settings(self, new) -> None:
+        """Hand the reloaded settings to every part that reads them as it runs."""
+        plan = plan_reload(self.settings, new)
+        executor = self.tasks.execute
+        for part in (self, self.trainer, self.planner, self.tasks, executor, executor.kernel, executor.snapshots,
+                     self.feedback, self.feedback.count_new_pairs, self.mutations):
+            if part is not None:
+                part.settings = plan.settings
+        self.planner.bounds = plan.settings.planner
+        logger.info("config reloaded", extra={"applied": list(plan.applied), "file": str(new.config_file)})
+        if plan.pending:
+            logger.warning("needs a restart: %s", ", ".join(plan.pending), extra={"keys": list(plan.pending)})
+        logging.getLogger().setLevel(plan.settings.logging.level)  # last: a quieter level still logs the reload
+
+    def healthy(self) -> bool:
+        """Whether the parts that must never stop still run: the watcher's worker and the scheduler."""
+        worker = getattr(self.watcher, "_worker", None)  # the thread that records every change
+        return bool(worker is not None and worker.is_alive() and self.scheduler is not None
+                    and self.scheduler.running)
+
+    def _status_line(self) -> str:
+        """The one line `systemctl status` shows: roots, trainer state, queue."""
+        queued = self.store.task_counts().get("queued", 0)
+        return f"watching {len(self.watcher.roots)} roots; trainer {self.trainer.state}; {queued} tasks queued"
+
+    def _tick(self) -> None:
+        """Once a second in the main loop: reload when asked, tell systemd we are alive and what we do."""
+        if self._reload.is_set():
+            self.reload()
+        self.notifier.tick(self.healthy(), self._status_line)
+
     def run(self) -> int:
         """Start everything, serve until stopped, shut down cleanly; returns the exit code."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)  # before the slow start: an early HUP must not kill it
         os.umask(0o077)  # whatever it writes (models, datasets, indexes) is its user's alone
         with ExitStack() as stack:
             lock = PidLock(lock_path(self.settings))
@@ -159,11 +216,12 @@ class Daemon:
             self._start(stack)
             if not self._stop.is_set():
                 self.state = "ready"
-                sd_notify(f"READY=1\nSTATUS=watching {len(self.watcher.roots)} roots")
+                self.notifier.ready(self._status_line())
                 logger.info("daemon ready", extra={"pid": os.getpid(),
                                                    "roots": [str(r) for r in self.watcher.roots]})
             while not self._stop.wait(1.0):
                 self.memory.save_index()
+                self._tick()
             self.state = "stopping"
             sd_notify("STOPPING=1")
             logger.info("daemon stopping")
@@ -205,17 +263,41 @@ class Daemon:
         self._start_scheduler(stack)
         self.tasks.start()
         stack.callback(self.tasks.stop)  # before the scheduler and the store: a stopped task runs again later
-        control = ControlServer(s, {"status": self.status, "search": self.search, "train": self.train,
-                                    "models.switch": self.switch_model, "tasks.wake": self.tasks.wake})
+        ops = {"status": self.status, "search": self.search, "train": self.train,
+               "models.switch": self.switch_model, "tasks.wake": self.tasks.wake}
+        control = ControlServer(s, ops)
         control.start()
         stack.callback(control.stop)
+        if s.dashboard.enabled:
+            self._start_dashboard(stack, ops)
+
+    def _start_dashboard(self, stack: ExitStack, ops: dict) -> None:
+        """Serve the web dashboard with the control socket's ops; one that cannot start never stops the daemon."""
+        cfg = self.settings.dashboard
+        if not is_loopback(cfg.host):
+            logger.warning("the dashboard listens beyond this machine (allow_remote = true): anyone who can reach "
+                           "it and has the token can run tasks", extra={"host": cfg.host, "port": cfg.port})
+        try:
+            from dashboard.server import DashboardServer  # the daemon composes the process; the dashboard sits above
+
+            server = DashboardServer(self.settings, ops)
+            server.start()
+        except (GremlinError, OSError) as exc:
+            logger.error("dashboard not started; the daemon runs on without it", extra={"error": str(exc)})
+            return
+        except Exception:  # noqa: BLE001 - a broken dashboard (say, an install without its files) is not fatal
+            logger.exception("dashboard not started; the daemon runs on without it")
+            return
+        stack.callback(server.stop)  # first to stop: it calls the other parts
+        logger.info("dashboard ready: %s", server.url, extra={"url": server.url})
 
     def _start_scheduler(self, stack: ExitStack) -> None:
         """APScheduler jobs: the trainer polls its trigger, the rules run, git commits are synced."""
         from apscheduler.schedulers.background import BackgroundScheduler
 
         cfg, store = self.settings.training, self.store
-        feedback = FeedbackLoop(self.settings, store, NewPairCounter(store, self.settings), self.memory.drift.state)
+        feedback = self.feedback = FeedbackLoop(self.settings, store, NewPairCounter(store, self.settings),
+                                                self.memory.drift.state)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
             "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
         jobs = (("trainer.poll", self.trainer.poll, cfg.poll_interval_s),
@@ -225,7 +307,8 @@ class Daemon:
                 ("tasks.inbox", self._take_inbox, self.settings.tasks.inbox_poll_s),
                 ("planner.order_queue", self.planner.order_queue, cfg.check_interval_s))
         if self.settings.mutation.enabled:
-            mutations = MutationDaemon(self.settings, store, self._search_dicts, self._run_proposer, self._submit)
+            mutations = self.mutations = MutationDaemon(self.settings, store, self._search_dicts,
+                                                        self._run_proposer, self._submit)
             jobs += (("mutation.propose", mutations.check, cfg.check_interval_s),)
         for job_id, func, seconds in jobs:
             self.scheduler.add_job(_guarded(job_id, func), "interval", seconds=seconds, id=job_id, name=job_id)

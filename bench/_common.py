@@ -50,7 +50,8 @@ def make_home(base: Path, watched: Path, sections: dict[str, dict] | None = None
     init_home(home)
     sections = dict(sections or {})
     watch = {"roots": [str(watched)], "own_source": False, **sections.pop("watch", {})}
-    all_sections = {"watch": watch, **sections}
+    dashboard = {"enabled": False, **sections.pop("dashboard", {})}  # on only where a benchmark measures it
+    all_sections = {"watch": watch, "dashboard": dashboard, **sections}
     lines = []
     for section, values in all_sections.items():
         lines.append(f"[{section}]")

@@ -186,6 +186,11 @@ MIGRATIONS: tuple[str, ...] = (
         finished TEXT
     );
     """,
+    # 5: what the dashboard lists by time, and an event's memory, without scanning the tables.
+    """
+    CREATE INDEX events_time ON events(time);
+    CREATE INDEX memories_event ON memories(event_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # File names are bytes, and Python hands an undecodable one over with surrogate escapes,
@@ -899,6 +904,47 @@ class Store:
         rows = self._query(f"SELECT * FROM planner_trials WHERE state IN ({','.join('?' * len(states))})"
                            " ORDER BY id", list(states))
         return [{**dict(r), "params": _json_or(r["params"], {})} for r in rows]
+
+    # -- the dashboard's reads (dashboard/) ---------------------------------------------
+
+    def list_events(self, path_contains: str | None = None, kind: str | None = None, since: str | None = None,
+                    by_gremlin: bool | None = None, before_id: int | None = None, limit: int = 50) -> list[dict]:
+        """The newest events passing the filters, newest first, without their diff text: a path
+        substring (the old path of a move too), a kind, a time floor, made by Gremlin or not."""
+        sql, params = "SELECT id, time, kind, path, old_path, size, meta FROM events WHERE 1", []
+        if path_contains:
+            sql += f" AND (instr(path, {_T}) > 0 OR instr(coalesce(old_path, ''), {_T}) > 0)"
+            params += [_b(path_contains), _b(path_contains)]
+        if kind:
+            sql, params = sql + " AND kind = ?", [*params, kind]
+        if since:
+            sql, params = sql + " AND time >= ?", [*params, since]
+        if by_gremlin is not None:
+            sql, params = sql + " AND coalesce(json_extract(meta, '$.by_gremlin'), 0) = ?", [*params, int(by_gremlin)]
+        if before_id is not None:
+            sql, params = sql + " AND id < ?", [*params, before_id]
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [{**dict(r), "meta": _json_or(r["meta"], {})} for r in rows]
+
+    def get_event(self, event_id: int) -> dict | None:
+        """One event with its diff and the memory it became (`memory`: None when it made none), or None."""
+        rows = self._query("SELECT id, time, kind, path, root, old_path, old_sha, new_sha, size, diff, meta"
+                           " FROM events WHERE id = ?", (event_id,))
+        if not rows:
+            return None
+        memories = self._query("SELECT id, kind, text, meta, replaceable, created, event_id FROM memories"
+                               " WHERE event_id = ? ORDER BY id LIMIT 1", (event_id,))
+        return {**dict(rows[0]), "meta": _json_or(rows[0]["meta"], {}),
+                "memory": _memory_dict(memories[0]) if memories else None}
+
+    def activity_by_hour(self, since: str) -> dict[str, dict[str, int]]:
+        """Events, memories and tasks made in each hour from `since` on: {"events": {"2024-05-01T13": 4}, ...}."""
+        out = {}
+        for table, column in (("events", "time"), ("memories", "created"), ("tasks", "created")):
+            rows = self._query(f"SELECT substr({column}, 1, 13), count(*) FROM {table} WHERE {column} >= ?"
+                               " GROUP BY 1", (since,))
+            out[table] = {r[0]: r[1] for r in rows}
+        return out
 
     # -- history and training pairs (self_training.replay, generate_dataset) -------------
 

@@ -20,7 +20,9 @@ GREMLIN = [sys.executable, "-m", "agent_core.cli"]
 
 
 def write_config(home: Path, **sections: dict) -> Path:
-    """Write `home/config/gremlin.toml` from {section: {key: value}}."""
+    """Write `home/config/gremlin.toml` from {section: {key: value}} (the dashboard off unless given:
+    test daemons would all ask for port 8765)."""
+    sections = {"dashboard": {"enabled": False}, **sections}
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
