@@ -258,6 +258,9 @@ def _pairs(stored: Sequence[StoredEvent]) -> list[tuple[int, str]]:
     return [(s.memory_id, s.event.memory_text or "") for s in stored if s.memory_id is not None]
 
 
+DRAIN_S = 10.0  # how long a stopping daemon keeps embedding its backlog
+
+
 class EmbedQueue:
     """Embeds committed memories on its own thread, batching whatever has arrived.
 
@@ -276,6 +279,7 @@ class EmbedQueue:
         self._count_lock = threading.Lock()
         self.waiting = 0
         self.errors = 0
+        self._drain_until: float | None = None
 
     def start(self) -> None:
         """Start the encoding thread."""
@@ -292,8 +296,11 @@ class EmbedQueue:
         for pair in pairs:
             self._queue.put(pair)
 
-    def stop(self, timeout: float = 120.0) -> None:
-        """Embed everything queued, then stop."""
+    def stop(self, timeout: float = 120.0, drain_s: float = DRAIN_S) -> None:
+        """Embed what is queued for up to `drain_s`, then stop. What is left keeps its memory in
+        the database without a vector and is embedded by the next start's catch-up, so a stop
+        never waits for a whole backlog."""
+        self._drain_until = time.monotonic() + drain_s
         self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -302,10 +309,23 @@ class EmbedQueue:
         stopping = False
         while not stopping:
             batch, stopping = self._take()
+            if self._drain_until is not None and time.monotonic() > self._drain_until:
+                self._leave(batch)
+                return
             if batch:
                 self._embed(batch)
             if self._queue.empty():
                 release_free_memory()  # a burst's activations would otherwise stay resident
+
+    def _leave(self, batch: list[tuple[int, str]]) -> None:
+        """Stop with `batch` and whatever is still queued left for the next start's catch-up."""
+        left = len(batch)
+        while True:
+            try:
+                left += self._queue.get_nowait() is not None
+            except queue.Empty:
+                break
+        logger.info("embedding stopped; the rest is embedded at the next start", extra={"memories_left": left})
 
     def _take(self) -> tuple[list[tuple[int, str]], bool]:
         batch = [self._queue.get()]

@@ -113,3 +113,22 @@ def test_drift_is_reported_only_for_a_full_window_over_the_threshold():
     assert not d.add([0.9, None, 0.9]).drifting  # two samples: not enough to say
     assert d.add([0.9]).drifting
     assert not d.add([0.0, 0.0, 0.1]).drifting  # the window moved on
+
+
+def test_a_stopping_embed_queue_leaves_a_backlog_to_the_next_catch_up(settings, store, embedder):
+    import time
+
+    from memory.service import EmbedQueue
+
+    memory = Memory(settings, store, embedder)
+    queue = EmbedQueue(memory, max_batch=4)
+    queue.start()
+    events = [NewEvent("created", f"/p/f{i}.py", "/p", utc_now(), None, memory_kind="code_diff",
+                       memory_text=f"created f{i}.py\n+value_{i} = compute_{i}()") for i in range(200)]
+    queue.submit(store.record_events(events))
+    started = time.monotonic()
+    queue.stop(drain_s=0.3)
+    assert time.monotonic() - started < 10  # a stop does not wait for the whole backlog
+    assert 0 < store.vector_count(embedder.model_id) < 200
+    left = 200 - store.vector_count(embedder.model_id)
+    assert memory.catch_up() == left and store.vector_count(embedder.model_id) == 200
