@@ -289,7 +289,7 @@ class Daemon:
             logger.exception("dashboard not started; the daemon runs on without it")
             return
         stack.callback(server.stop)  # first to stop: it calls the other parts
-        logger.info("dashboard ready: %s", server.url, extra={"url": server.url})
+        logger.info("dashboard ready: %s", server.url, extra={"port": self.settings.dashboard.port})
 
     def _start_scheduler(self, stack: ExitStack) -> None:
         """APScheduler jobs: the trainer polls its trigger, the rules run, git commits are synced."""

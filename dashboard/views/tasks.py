@@ -51,7 +51,7 @@ def show(task_id: int) -> str:
     task = read_store().get_task(task_id)
     if task is None:
         abort(404, description=f"no task {task_id}; see /tasks")
-    return render_template("task.html", task=task, final=task_queue.FINAL)
+    return render_template("task.html", task=task)
 
 
 @bp.post("/tasks/<int:task_id>/cancel")
