@@ -188,8 +188,7 @@ class Daemon:
 
     def healthy(self) -> bool:
         """Whether the parts that must never stop still run: the watcher's worker and the scheduler."""
-        worker = getattr(self.watcher, "_worker", None)  # the thread that records every change
-        return bool(worker is not None and worker.is_alive() and self.scheduler is not None
+        return bool(self.watcher is not None and self.watcher.alive and self.scheduler is not None
                     and self.scheduler.running)
 
     def _status_line(self) -> str:

@@ -308,6 +308,11 @@ class Watcher:
         if self._worker.is_alive():
             self._worker.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker that records every change is running."""
+        return self._worker.is_alive()
+
     def request_reconcile(self) -> None:
         """Compare every root with the recorded state soon (overflow, observer restart, schedule)."""
         for root in self.roots:
