@@ -4,11 +4,14 @@ In one process, on a temporary home: a folder of N small Python modules is basel
 the real Watcher, then every module gets one distinct edit (all written at once; each a
 diff of ~8-40 lines). The pipeline time runs from the first write until all N memories are embedded and indexed
 (watchdog -> debounce -> GNU diff -> SQLite commit -> encode -> vectors committed -> FAISS).
-The raw time is plain `model.encode` of the very texts the pipeline stored, with the same
-model object, at the pipeline's batch size and at 32 (--raw-batch-size); the faster of the
-two is the baseline. Both run after a warm-up, best of several rounds.
+The raw time is plain `model.encode` of the very texts the pipeline encodes: each stored
+memory's view (`memory/text.py`, what the model sees), with the same model object, at the
+pipeline's batch size and at 32 (--raw-batch-size); the faster of the two is the baseline.
+Plain encode of the *full* memory texts is shown as a second, labelled line and is not the
+baseline: the pipeline never encodes those, so a ratio against them would flatter it. All
+run after a warm-up, best of several rounds.
 
-Target: pipeline throughput / raw throughput >= 0.8.
+Target: pipeline throughput / raw throughput (same view texts) >= 0.9.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from _common import (BenchError, LoadMeter, add_common_options, configure_loggin
 from config.settings import load_settings
 from memory import service
 from memory.store import Store
+from memory.text import embedding_text
 from memory.vector_store.embedder import Embedder
 from self_mutation_watcher.watcher import Watcher
 
 logger = logging.getLogger(__name__)
 
-TARGET_RATIO = 0.8
+TARGET_RATIO = 0.9  # issue 12: against plain encode of the same view texts
 WORDS = ("user order invoice payment retry timeout cache session token parse render index query config "
          "logger socket buffer stream batch vector model train score event handler window record client "
          "server header payload schema column migrate signal worker queue lock backoff limit").split()
@@ -251,14 +255,16 @@ def main() -> int:
             rounds = run_rounds(pipe, files, rng, args.rounds)
             best = min(rounds, key=lambda r: r.seconds)  # its texts are the ones encoded plainly
             memories = pipe.store.get_memories(best.ids)
-            texts = [memories[i]["text"] for i in best.ids]
-            facts = (text_facts(embedder, texts), diff_facts(pipe.store, best.ids), pipe.sink_name)
-        raws = [raw_encode(embedder, texts, size, args.raw_repeats)
+            full = [memories[i]["text"] for i in best.ids]
+            views = [embedding_text(text) for text in full]  # what the pipeline encodes
+            facts = (text_facts(embedder, views), diff_facts(pipe.store, best.ids), pipe.sink_name)
+        raws = [raw_encode(embedder, views, size, args.raw_repeats)
                 for size in sorted({embedder.batch_size, args.raw_batch_size})]
-    return report(args, settings, embedder, rounds, raws, facts)
+        full_raw = raw_encode(embedder, full, embedder.batch_size, args.raw_repeats)
+    return report(args, settings, embedder, rounds, raws, full_raw, facts)
 
 
-def report(args, settings, embedder: Embedder, rounds: list[Round], raws: list[Raw],
+def report(args, settings, embedder: Embedder, rounds: list[Round], raws: list[Raw], full_raw: Raw,
            facts: tuple[str, str, str]) -> int:
     """Print the results table and the verdict."""
     import torch
@@ -272,10 +278,14 @@ def report(args, settings, embedder: Embedder, rounds: list[Round], raws: list[R
             for i, r in enumerate(rounds)]
     rows.append(("pipeline, best round", f"{best.seconds:.2f}", f"{n / best.seconds:.1f}",
                  f"encoder batch_size {embedder.batch_size}"))
-    rows += [(f"plain model.encode, same texts, batch_size={r.batch_size}", f"{r.seconds:.2f}",
+    rows += [(f"plain model.encode, same view texts, batch_size={r.batch_size}", f"{r.seconds:.2f}",
               f"{n / r.seconds:.1f}", f"best of {args.raw_repeats}, other load {r.other_cores:.2f} CPUs, "
                                       f"ratio {r.seconds / best.seconds:.2f}") for r in raws]
-    rows.append(("ratio pipeline / fastest plain encode", "", f"{ratio:.2f}", f"target >= {TARGET_RATIO}"))
+    rows.append(("ratio pipeline / fastest plain encode (like with like)", "", f"{ratio:.2f}",
+                 f"target >= {TARGET_RATIO}"))
+    rows.append((f"for reference: plain encode of the FULL memory texts, batch_size={full_raw.batch_size}",
+                 f"{full_raw.seconds:.2f}", f"{n / full_raw.seconds:.1f}",
+                 f"not the baseline (the pipeline encodes views); ratio {full_raw.seconds / best.seconds:.2f}"))
     print_table(f"ingest: {n} changes, debounce_ms={settings.watch.debounce_ms}", rows,
                 ("what", "seconds", "changes/s", "notes"))
     print_table("setup and workload",
