@@ -938,19 +938,14 @@ def replay(ctx: click.Context, path: Path, since: str | None, merges: bool) -> N
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from memory.store import Store
     from self_training.replay import replay_repository
 
     settings = _settings(ctx)
-    store = Store(settings.memory.db, settings.memory.synchronous)
     columns = (TextColumn("replaying commits"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("replay", total=None)
-            result = replay_repository(store, settings, path, since, merges=merges,
-                                       progress=lambda done, total: bar.update(task, completed=done, total=total))
-    finally:
-        store.close()
+    with _store(settings) as store, Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("replay", total=None)
+        result = replay_repository(store, settings, path, since, merges=merges,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     unreadable = (f", {result.unreadable} unreadable (malformed, missing or a shallow clone's boundary; "
                   "see the warnings)") if result.unreadable else ""
     console.print(f"replayed {result.repo}: {result.commits_seen} commits seen, {result.commits_stored} stored, "

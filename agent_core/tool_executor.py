@@ -15,7 +15,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from agent_core.kernel import Kernel
 from agent_core.snapshot import Snapshots

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.logs import (COMPONENTS, component_of, configure_logging, follow_records, log_files, parse_line,
-                             parse_when, read_records)
+from agent_core.logs import (COMPONENTS, component_of, configure_logging, follow_records, log_files, parse_when,
+                             read_records)
 from config.settings import journal_stream, load_settings
 from tests.conftest import gremlin, write_config
 
@@ -97,7 +97,7 @@ def test_filters_by_level_component_text_and_run(settings):
 
 
 def test_rotated_files_are_read_oldest_first(small_logs):
-    with logging_into(small_logs) as system:
+    with logging_into(small_logs):
         for n in range(40):
             logging.getLogger("memory.store").info("record %02d", n, extra={"pad": "x" * 60})
     assert [p.name for p in log_files(small_logs)] == ["gremlin.log.3", "gremlin.log.2", "gremlin.log.1",
