@@ -291,10 +291,12 @@ class _TrainingProgress:
     """A Rich progress bar fed by the trainer's (state, step, total, loss) reports."""
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console,
+                                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=console,
                                   transient=True)
         self._progress.__enter__()
         self._task = self._progress.add_task("starting", total=None, loss="")
@@ -330,11 +332,22 @@ def _finish_run(outcome: str, reason: str, model_id: str | None) -> None:
     sys.exit(EXIT_CODES.get(outcome, 1))
 
 
+def _duration(seconds: float) -> str:
+    """A short human duration: 45s, 12m 5s, 3h 20m."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+
+
 def _render_training(training: dict) -> None:
     state, progress = training.get("state", "unknown"), training.get("progress") or {}
     if progress.get("total"):
         loss = f", loss {progress['loss']:.4f}" if progress.get("loss") is not None else ""
-        state += f" ({progress.get('phase', '')} {progress['step']}/{progress['total']}{loss})"
+        eta = f", {progress['per_s']}/s, ETA {_duration(progress['eta_s'])}" if progress.get("eta_s") is not None else ""
+        state += f" ({progress.get('phase', '')} {progress['step']}/{progress['total']}{loss}{eta})"
     _line("trainer", state)
     last = training.get("last_run")
     if last:
@@ -353,6 +366,13 @@ def _render_tasks(tasks: dict) -> None:
     _line("tasks", text + running)
 
 
+def _render_retention(summary: dict | None) -> None:
+    """The last retention applied: when, and how many memories of each kind it evicted."""
+    if summary:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in summary["evicted"].items())
+        _line("retention", f"{summary['total']} evicted {summary['time'][:19]}" + (f" ({kinds})" if kinds else ""))
+
+
 def _render_status(info: dict) -> None:
     """Status as lines (no table: a path is never cut or wrapped into a cell)."""
     running = f"running (pid {info['pid']}, {info['state']})" if info["running"] else "not running"
@@ -363,10 +383,13 @@ def _render_status(info: dict) -> None:
     if info.get("note"):
         _line("note", info["note"], "yellow")
     c = info["counts"]
-    _line("memory", f"{c['events']} events, {c['memories']} memories, {info['index_size']} indexed")
+    index = info.get("index") or {}
+    kind = f" ({index['kind']}{', rebuilding' if index.get('rebuilding') else ''})" if index.get("kind") else ""
+    _line("memory", f"{c['events']} events, {c['memories']} memories, {info['index_size']} indexed{kind}")
     _line("model", info["model_id"])
     _render_training(info.get("training") or {})
     _render_tasks(info.get("tasks") or {})
+    _render_retention(info.get("retention"))
     watcher = info.get("watcher", {})
     for root, why in watcher.get("degraded", {}).items():
         _line("degraded", f"{display_path(root)}: {why} (polling; see the log for the fix)", "yellow")
@@ -915,6 +938,49 @@ def snapshot_restore(ctx: click.Context, snapshot_id: str, as_json: bool) -> Non
         return
     click.echo(f"restored {done.snapshot[:12]}: {len(done.written)} written, {len(done.deleted)} deleted, "
                f"{done.unchanged} unchanged; undo with: gremlin snapshot restore {done.undo[:12]}")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only count what would be evicted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def retention(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Apply the [retention] limits now: evict the memories of each kind past its limits.
+
+    Through the running daemon when there is one (its live index drops them at once), else
+    here. Never evicted: retrain memories, and memories that a pair of the current training
+    dataset or a queued or running task refers to. On a terminal a table; piped, one
+    tab-separated line a kind: kind, count.
+    """
+    from agent_core.retention import run_retention
+
+    settings = _settings(ctx)
+    summary, via_daemon = run_retention(settings, dry_run)
+    if as_json:
+        click.echo(json.dumps({**summary, "daemon": via_daemon}, indent=2))
+    elif not summary["configured"]:
+        console.print(Text(f"no retention limits set: nothing evicted; add [retention.max_count] or "
+                           f"[retention.max_age_days] to {display_path(settings.config_file)}"), soft_wrap=True)
+    elif console.is_terminal:
+        _print_retention(summary, via_daemon)
+    else:
+        for kind, count in summary["evicted"].items():
+            click.echo(f"{kind}\t{count}")
+
+
+def _print_retention(summary: dict, via_daemon: bool) -> None:
+    """Per kind: its limits and what was (or would be) evicted; then one line of totals."""
+    table = Table()
+    for column in ("kind", "max_count", "max_age_days", "would evict" if summary["dry_run"] else "evicted"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, count in summary["evicted"].items():
+        limits = summary["limits"][kind]
+        table.add_row(kind, *("" if limits[k] is None else str(limits[k]) for k in ("max_count", "max_age_days")),
+                      str(count))
+    console.print(table)
+    where = "by the daemon" if via_daemon else "here (a daemon's index drops them when it next starts)"
+    done = "would be evicted (dry run: nothing deleted)" if summary["dry_run"] else f"evicted {where}"
+    console.print(f"{summary['total']} memories {done} in {summary['seconds']} s", highlight=False, soft_wrap=True)
 
 
 @main.command()

@@ -27,15 +27,16 @@ from agent_core.tool_executor import ToolExecutor
 from agents.planner_agent import Planner
 from config.errors import GremlinError
 from config.settings import is_loopback, load_settings, notify_socket, secure_home, watchdog_interval_s
+from memory.retention import apply_policy, last_summary
 from memory.service import EmbedQueue, Memory
 from memory.store import Store, utc_now
 from memory.vector_store.embedder import Embedder
 from self_mutation_watcher.mutation_daemon import MutationDaemon
 from self_mutation_watcher.watcher import Watcher, require_roots
 from self_training.feedback_loop import FeedbackLoop, parse_trigger, trigger_path, write_trigger_atomically
-from self_training.generate_dataset import NewPairCounter
+from self_training.generate_dataset import DATASET_DIR, HELDOUT_FILE, TRAIN_FILE, NewPairCounter
 from self_training.replay import GitSync
-from self_training.trainer import Trainer, recover_interrupted_runs, switch_model
+from self_training.trainer import Trainer, TrainerLock, recover_interrupted_runs, switch_model
 from tools.reward_model import RewardModel
 from tools.shell_executor import ShellRefused, check_command, run_command
 
@@ -48,6 +49,10 @@ CATCH_UP_INTERVAL_S = 60.0  # memories other processes added (replay, cycle) get
 
 class AlreadyRunning(GremlinError):
     """Another daemon holds this home's lock."""
+
+
+class RetentionBusy(GremlinError):
+    """A training run, model switch or reindex is under way; retention waits for it."""
 
 
 def lock_path(settings) -> Path:
@@ -144,6 +149,7 @@ class Daemon:
         self.mutations: MutationDaemon | None = None
         self.notifier = Notifier(sd_notify, watchdog_interval_s(), active=notify_socket() is not None)
         self._reload = threading.Event()
+        self._retention_lock = threading.Lock()  # the schedule and `gremlin retention` take turns
 
     def request_stop(self, signum=None, frame=None) -> None:
         """Signal handler: ask the main loop to stop; a second signal forces an exit."""
@@ -220,6 +226,7 @@ class Daemon:
                                                    "roots": [str(r) for r in self.watcher.roots]})
             while not self._stop.wait(1.0):
                 self.memory.save_index()
+                self.memory.maintain_index()
                 self._tick()
             self.state = "stopping"
             sd_notify("STOPPING=1")
@@ -263,7 +270,7 @@ class Daemon:
         self.tasks.start()
         stack.callback(self.tasks.stop)  # before the scheduler and the store: a stopped task runs again later
         ops = {"status": self.status, "search": self.search, "train": self.train,
-               "models.switch": self.switch_model, "tasks.wake": self.tasks.wake}
+               "models.switch": self.switch_model, "tasks.wake": self.tasks.wake, "retention": self.retention}
         control = ControlServer(s, ops)
         control.start()
         stack.callback(control.stop)
@@ -304,7 +311,8 @@ class Daemon:
                 ("git.sync", GitSync(store, self.settings).run, cfg.check_interval_s),
                 ("memory.catch_up", self._catch_up_new, CATCH_UP_INTERVAL_S),
                 ("tasks.inbox", self._take_inbox, self.settings.tasks.inbox_poll_s),
-                ("planner.order_queue", self.planner.order_queue, cfg.check_interval_s))
+                ("planner.order_queue", self.planner.order_queue, cfg.check_interval_s),
+                ("memory.retention", self._retention_job, self.settings.retention.interval_s))
         if self.settings.mutation.enabled:
             mutations = self.mutations = MutationDaemon(self.settings, store, self._search_dicts,
                                                         self._run_proposer, self._submit)
@@ -380,7 +388,48 @@ class Daemon:
             "failures": self.store.failure_counts(RECENT_EVENTS),
             "training": self.trainer.describe(),
             "tasks": self.tasks.describe(),
+            "retention": last_summary(self.store),
         }
+
+    def retention(self, dry_run: bool = False) -> dict:
+        """Control op: apply [retention] now (dry_run: only count); the live index drops the evicted ids."""
+        if not dry_run and any(t["type"] == "reindex" for t in self.tasks.describe()["running"]):
+            raise RetentionBusy("a reindex task is running; retention waits for it to end (gremlin task list)")
+        with self._retention_lock:
+            return apply_retention(self.settings, self.store, self.memory, bool(dry_run))
+
+    def _retention_job(self) -> None:
+        """Scheduled: apply [retention] when it sets a limit; while the trainer is busy, wait for the next time."""
+        if not self.settings.retention.limited_kinds:
+            return
+        try:
+            self.retention()
+        except RetentionBusy as exc:
+            logger.info("retention put off to its next interval", extra={"reason": str(exc)})
+        except Exception:  # noqa: BLE001 - nothing more is evicted this time; the daemon goes on
+            logger.exception("retention failed; memories are kept until its next interval. See the cause "
+                             "below, check [retention] in the config, and try `gremlin retention --dry-run`")
+
+
+def dataset_files(settings) -> tuple[Path, Path]:
+    """The dataset files (train, held out) whose pairs' memories retention keeps."""
+    folder = settings.data_dir / DATASET_DIR
+    return folder / TRAIN_FILE, folder / HELDOUT_FILE
+
+
+def apply_retention(settings, store: Store, memory: Memory | None = None, dry_run: bool = False) -> dict:
+    """Apply [retention] now, holding the trainer lock: no run embeds memories meanwhile (a vector
+    stored for a memory just deleted would fail it). A dry run deletes nothing and needs no lock."""
+    if dry_run:
+        return apply_policy(settings, store, memory, dataset_files(settings), dry_run=True)
+    lock = TrainerLock(settings)
+    if not lock.acquire():
+        raise RetentionBusy(f"a training run or model switch holds {lock.path}; retention waits for it to end "
+                            "(gremlin status), then try again")
+    try:
+        return apply_policy(settings, store, memory, dataset_files(settings))
+    finally:
+        lock.release()
 
 
 def check_commands(settings) -> None:

@@ -55,7 +55,7 @@ SHOWN = ("LoadState", "ActiveState", "SubState", "UnitFileState", "MainPID", "St
 RESTART_SECTIONS = ("watch", "model", "memory", "dashboard", "reward")
 RESTART_KEYS = frozenset({("logging", "dir"), ("logging", "max_bytes"), ("logging", "backup_count"),
                           ("tasks", "workers"), ("tasks", "inbox_poll_s"), ("training", "poll_interval_s"),
-                          ("training", "check_interval_s"), ("mutation", "enabled")})
+                          ("training", "check_interval_s"), ("mutation", "enabled"), ("retention", "interval_s")})
 STATUS_EVERY_S = 5.0  # how often the STATUS= line is recomputed (sent only when it changed)
 
 

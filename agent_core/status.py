@@ -6,6 +6,7 @@ import logging
 
 from agent_core.control import DaemonUnavailable, request
 from agent_core.daemon import RECENT_EVENTS, running_pid
+from memory.retention import last_summary
 from memory.service import Memory, check_query, lexical_hits
 from memory.errors import StoreNotReady
 from memory.store import Store
@@ -39,7 +40,7 @@ def collect_status(settings) -> dict:
                         recent_events=store.recent_events(RECENT_EVENTS),
                         failures=store.failure_counts(RECENT_EVENTS),
                         training={"state": "not running", "last_run": last_run(store)},
-                        tasks={"counts": store.task_counts(), "running": []})
+                        tasks={"counts": store.task_counts(), "running": []}, retention=last_summary(store))
         finally:
             store.close()
     return info

@@ -51,7 +51,7 @@ TYPE_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "snapshot": {"message": ("str", False)},
     "rollback": {"target": ("str", True), "snapshot": ("str", False), "model": ("str", False)},
     "reindex": {},
-    "mutate": {"patch": ("str", True), "verify": ("argv", False)},
+    "mutate": {"patch": ("str", True), "verify": ("argv", False), "failure_id": ("int", False)},
     "replay": {"repo": ("str", True), "since": ("str", False), "merges": ("bool", False)},
 }
 KIND_TEXT = {"str": "a string", "int": "an integer", "number": "a number", "bool": "true or false",

@@ -28,6 +28,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / CONFIG_NAME
 SOURCE_PACKAGES = ("config", "memory", "self_mutation_watcher", "self_training", "agents",
                    "agent_core", "tools", "dashboard")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The kinds a memory may have (DESIGN.md); `retrain` memories (training results) are never evicted.
+MEMORY_KINDS = ("code_diff", "failure", "feedback", "task", "log", "retrain")
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # the modes of the home's folders and files
 # The folders every home has (DESIGN.md layout).
 HOME_DIRS = ("config", "run", "run/checkpoints", "run/queue", "run/queue/inbox", "run/queue/rejected", "data", "data/logs", "data/logs/system", "data/logs/modules",
@@ -85,6 +87,9 @@ class MemorySettings:
     synchronous: str = "NORMAL"
     index_save_interval_s: float = 5.0
     memory_chars: int = 4000
+    ann_threshold: int = 50_000
+    ann_nprobe: int = 128
+    ann_rerank: int = 4
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,25 @@ class MutationSettings:
     neighbours: int = 5
 
 
+@dataclass(frozen=True)
+class RetentionSettings:
+    """Which memories are dropped as they age or pile up, per kind; empty tables keep everything.
+
+    `max_count` and `max_age_days` map a memory kind to its limit (never changed after load).
+    Retrain memories (training results) are never evicted, so they take no limit.
+    """
+
+    interval_s: float = 3600.0
+    batch: int = 5000
+    max_count: dict[str, int] = field(default_factory=dict)
+    max_age_days: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def limited_kinds(self) -> tuple[str, ...]:
+        """The kinds with a limit, in MEMORY_KINDS order."""
+        return tuple(k for k in MEMORY_KINDS if k in self.max_count or k in self.max_age_days)
+
+
 SECTIONS: dict[str, type] = {
     "watch": WatchSettings,
     "model": ModelSettings,
@@ -216,6 +240,7 @@ SECTIONS: dict[str, type] = {
     "reward": RewardSettings,
     "planner": PlannerSettings,
     "mutation": MutationSettings,
+    "retention": RetentionSettings,
 }
 # Allowed values, checked after types: (section, key) -> choices.
 CHOICES = {
@@ -234,6 +259,8 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("watch", "drift_window"): (1, 100_000), ("watch", "drift_threshold"): (0, 2),
     ("model", "batch_size"): (0, 4096), ("model", "max_seq_length"): (8, 8192),
     ("memory", "index_save_interval_s"): (0, DAY_S), ("memory", "memory_chars"): (64, 1_000_000),
+    ("memory", "ann_threshold"): (1_000, 1_000_000_000), ("memory", "ann_nprobe"): (1, 16384),
+    ("memory", "ann_rerank"): (1, 100),
     ("logging", "max_bytes"): (1024, 10 * 1024 * MIB), ("logging", "backup_count"): (0, 1000),
     ("dashboard", "port"): (1, 65_535), ("dashboard", "threads"): (1, 64),
     ("training", "min_logic_changes"): (1, 1_000_000), ("training", "confidence_threshold"): (0, 1),
@@ -259,11 +286,16 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("mutation", "verify_timeout_s"): (1, DAY_S), ("mutation", "max_patch_bytes"): (1, 64 * MIB),
     ("mutation", "proposer_timeout_s"): (1, DAY_S), ("mutation", "min_interval_s"): (0, 30 * DAY_S),
     ("mutation", "neighbours"): (0, 100),
+    ("retention", "interval_s"): (1, 30 * DAY_S), ("retention", "batch"): (1, 1_000_000),
 }
 
 # Lists of integers: every item must lie in the range.
 ITEM_RANGES: dict[tuple[str, str], tuple[int, int]] = {
     ("planner", "batch_sizes"): (2, 65_536), ("planner", "max_seq_lengths"): (8, 8192),
+}
+# Tables of kind = limit: every value must lie in the range (an age may be a fraction of a day).
+LIMIT_RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    ("retention", "max_count"): (1, 10**12), ("retention", "max_age_days"): (0.001, 100_000),
 }
 PLUGIN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
@@ -285,6 +317,7 @@ class Settings:
     reward: RewardSettings = field(default_factory=RewardSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     mutation: MutationSettings = field(default_factory=MutationSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def run_dir(self) -> Path:
@@ -497,6 +530,12 @@ def _parse_section(name: str, values: dict, home: Path, config_file: Path):
 def _convert(value, hint, home: Path, where: str):
     """Check `value` against the annotation `hint` and convert TOML values to it."""
     origin = typing.get_origin(hint)
+    if origin is dict:
+        item = typing.get_args(hint)[1]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table of memory kind = {_type_name(item)} "
+                              f"(got {value!r}); e.g. {{ code_diff = 100000 }}")
+        return {k: _convert(v, item, home, _table_key(where, k)) for k, v in value.items()}
     if origin is tuple:
         item = typing.get_args(hint)[0]
         if not isinstance(value, list):
@@ -539,6 +578,8 @@ def _check_rules(section: str, key: str, value, where: str) -> None:
     if key in ("verify", "proposer", "allow") and any(not v.strip() for v in value):
         raise ConfigError(f"{where} has an empty item; write a command as a list of arguments, "
                           'e.g. ["pytest", "-q"]')
+    if (section, key) in LIMIT_RANGES:
+        _check_limits(value, LIMIT_RANGES[(section, key)], where)
     choices = CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(choices)} (got {value!r})")
@@ -547,6 +588,27 @@ def _check_rules(section: str, key: str, value, where: str) -> None:
         raise ConfigError(f"{where} must be a number from {_number(bounds[0])} to {_number(bounds[1])} "
                           f"(got {value!r}); "
                           "fix the value or delete the line to use the default")
+
+
+def _check_limits(limits: dict, bounds: tuple[float, float], where: str) -> None:
+    """A [retention] table: known, evictable kinds, each with a limit in range."""
+    for kind, limit in limits.items():
+        if kind == "retrain":
+            raise ConfigError(f"{_table_key(where, kind)}: retrain memories (training results) are never "
+                              "evicted; remove the line")
+        if kind not in MEMORY_KINDS:
+            raise ConfigError(f"{_table_key(where, kind)}: unknown memory kind {kind!r}; kinds are "
+                              f"{', '.join(k for k in MEMORY_KINDS if k != 'retrain')}")
+        if not (math.isfinite(limit) and bounds[0] <= limit <= bounds[1]):
+            raise ConfigError(f"{_table_key(where, kind)} must be a number from {_number(bounds[0])} to "
+                              f"{_number(bounds[1])} (got {limit!r}); fix the value or delete the line to keep "
+                              f"every {kind} memory")
+
+
+def _table_key(where: str, key: str) -> str:
+    """`file: [section] table` and `key` as `file: [section.table] key`, as the user wrote it."""
+    head, table = where.rsplit("] ", 1)
+    return f"{head}.{table}] {key}"
 
 
 def _number(value: float) -> str:

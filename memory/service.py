@@ -26,7 +26,7 @@ from memory.fusion import RRF_K, reciprocal_rank_fusion
 from memory.store import StoredEvent, Store
 from memory.text import embedding_text
 from memory.vector_store.embedder import Embedder
-from memory.vector_store.index import VectorIndex, index_path
+from memory.vector_store.index import IndexOptions, VectorIndex, index_path
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ PREVIEW_CHARS = 160
 SEARCH_MODES = ("hybrid", "dense", "lexical")
 HYBRID_DEPTH = 50  # each ranking fused in hybrid search is at least this deep ...
 HYBRID_DEPTH_FACTOR = 5  # ... and at least this many times the results asked for
+KIND_OVERFETCH = 8  # an approximate search for one kind first looks this many times deeper
 
 
 class SearchModeError(MemoryLayerError):
@@ -90,7 +91,9 @@ class Memory:
         self.settings = settings
         self.store = store
         self.embedder = embedder
-        self.index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
+        self.index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store,
+                                      IndexOptions.from_settings(settings.memory))
+        self._rebuild: threading.Thread | None = None
         self.drift = DriftDetector(settings.watch.drift_window, settings.watch.drift_threshold)
         self._last_save = time.monotonic()
         # Encoding into the index is serialised (no memory is added twice across a model
@@ -136,7 +139,7 @@ class Memory:
         with self._swap_lock:
             return self.embedder, self.index
 
-    def build_index(self, embedder: Embedder, batch: int = 256,
+    def build_index(self, embedder: Embedder, batch: int = 0,
                     progress: Callable[[int, int], None] | None = None) -> VectorIndex:
         """Embed every memory with `embedder` into its own index while search uses the live one."""
         return build_index(self.settings, self.store, embedder, batch, progress)
@@ -166,6 +169,8 @@ class Memory:
     def catch_up(self, batch: int = 256, progress: Callable[[int], None] | None = None,
                  after_id: int = 0) -> int:
         """Embed every memory (after `after_id`) that has no vector for the current model."""
+        if not after_id and self.store.vector_count(self.model_id) >= self.store.memory_count():
+            return 0  # every memory has one (vectors cascade with their memory): no table scan
         done = 0
         while pairs := self.store.memories_without_vector(self.model_id, batch, after_id):
             after_id = pairs[-1][0]  # a memory that cannot be encoded is not retried in this pass
@@ -196,8 +201,15 @@ class Memory:
 
     def _dense(self, query: str, k: int, kind: str | None) -> list[tuple[int, float]]:
         embedder, index = self.current()  # one pair: a model swap may happen meanwhile
-        allowed = self.store.memory_ids(kind) if kind else None
-        return index.search(embedder.encode([query])[0], k, allowed)
+        vector = embedder.encode([query])[0]
+        if kind is None:
+            return index.search(vector, k)
+        if not index.exact:  # a deeper unrestricted search, filtered, avoids listing a common kind's ids
+            found = index.search(vector, k * KIND_OVERFETCH)
+            ours = self.store.ids_of_kind([i for i, _ in found], kind)
+            if len(ours) >= min(k, len(found)):
+                return [(i, s) for i, s in found if i in ours][:k]
+        return index.search(vector, k, self.store.memory_ids(kind))
 
     def _hybrid(self, query: str, k: int, kind: str | None) -> list[tuple[int, float]]:
         # Fuse deeper lists than asked for: a memory ranked 30th by one and 2nd by the other
@@ -209,6 +221,37 @@ class Memory:
                     [i for i, _ in self._dense(query, depth, kind)]]
         best = len(rankings) / (RRF_K + 1)  # the fused score of an item first everywhere
         return [(int(i), score / best) for i, score in reciprocal_rank_fusion(rankings, RRF_K, k)]
+
+    def maintain_index(self) -> bool:
+        """Start rebuilding the index in the background when it outgrew its kind (exact → IVF,
+        or an IVF grown or shrunk well past its lists); True when a rebuild started."""
+        if self.store.readonly or (self._rebuild is not None and self._rebuild.is_alive()):
+            return False
+        _, index = self.current()
+        if not index.needs_rebuild():
+            return False
+        self._rebuild = threading.Thread(target=self._rebuild_index, args=(index,), name="gremlin-index-rebuild",
+                                         daemon=True)
+        self._rebuild.start()
+        return True
+
+    def _rebuild_index(self, old: VectorIndex) -> None:
+        """Build a new index from SQLite while `old` serves, then switch to it."""
+        started = time.monotonic()
+        try:
+            new = VectorIndex.build(old.path, old.model_id, old.dim, self.store, old.options)
+            with self._embed_lock:
+                if self.index is not old:
+                    return  # a model swap or reindex replaced it meanwhile
+                new.sync(self.store)  # what was added or removed during the build
+                with self._swap_lock:
+                    self.index = new
+            new.save()
+            logger.info("index rebuilt", extra={"model_id": new.model_id, **new.describe(),
+                                                "seconds": round(time.monotonic() - started, 1)})
+        except Exception:  # noqa: BLE001 - the old index keeps serving; the next check tries again
+            logger.exception("index rebuild failed; the current index keeps serving",
+                             extra={"model_id": old.model_id})
 
     def save_index(self, force: bool = False, now: float | None = None) -> bool:
         """Write the index file when it changed and the save interval has passed."""
@@ -225,31 +268,36 @@ class Memory:
         path = index_path(self.settings.memory.index_dir, self.model_id)
         return {"model_id": self.model_id, "model_path": str(self.embedder.path),
                 "device": self.embedder.device, "index_size": self.index.ntotal,
+                "index": {**self.index.describe(), "rebuilding": self._rebuild is not None and self._rebuild.is_alive()},
                 "index_file": str(path), "index_saved": path.exists(),
                 "drift": asdict(self.drift.state())}
 
 
-def build_index(settings, store: Store, embedder: Embedder, batch: int = 256,
+def build_index(settings, store: Store, embedder: Embedder, batch: int = 0,
                 progress: Callable[[int, int], None] | None = None, fresh: bool = False) -> VectorIndex:
     """The saved index of every memory for `embedder`'s model, encoding only what is missing.
 
-    Vectors already stored for this model (an interrupted reindex, a rollback to a kept
-    model) are reused from SQLite, never re-encoded. `fresh` ignores the saved index file
-    and builds from the database alone.
+    Memories without a vector are encoded first, their text views in large chunks (the
+    encoder sorts each chunk by length, so batches pad little) and committed to SQLite;
+    the index is then built from the database. Vectors already stored for this model (an
+    interrupted reindex, a rollback to a kept model) are reused, never re-encoded. `fresh`
+    ignores the saved index file.
     """
-    if fresh:
-        index = VectorIndex(index_path(settings.memory.index_dir, embedder.model_id), embedder.model_id, embedder.dim)
-        index.sync(store)
-    else:
-        index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store)
-    total = int(store.counts()["memories"])
-    while pairs := store.memories_without_vector(embedder.model_id, batch):
+    total, done = store.memory_count(), store.vector_count(embedder.model_id)
+    chunk = batch or max(REINDEX_CHUNK, 16 * embedder.batch_size)
+    after = 0  # each chunk starts after the last: no rescan of what is done (quadratic at 100k)
+    while pairs := store.memories_without_vector(embedder.model_id, chunk, after):
         ids = np.array([p[0] for p in pairs], dtype=np.int64)
-        vectors = embedder.encode([embedding_text(p[1]) for p in pairs])
-        store.add_vectors(embedder.model_id, ids, vectors)
-        index.add(ids, vectors)
+        store.add_vectors(embedder.model_id, ids, embedder.encode([embedding_text(p[1]) for p in pairs]))
+        done, after = done + len(pairs), pairs[-1][0]
         if progress:
-            progress(index.ntotal, total)
+            progress(min(done, total), total)
+    options = IndexOptions.from_settings(settings.memory)
+    if fresh:
+        index = VectorIndex.build(index_path(settings.memory.index_dir, embedder.model_id), embedder.model_id,
+                                  embedder.dim, store, options)
+    else:
+        index = VectorIndex.open(settings.memory.index_dir, embedder.model_id, embedder.dim, store, options)
     index.save()
     return index
 
@@ -259,6 +307,7 @@ def _pairs(stored: Sequence[StoredEvent]) -> list[tuple[int, str]]:
 
 
 DRAIN_S = 10.0  # how long a stopping daemon keeps embedding its backlog
+REINDEX_CHUNK = 2048  # memories encoded per call while rebuilding: long enough to sort by length
 
 
 class EmbedQueue:

@@ -13,7 +13,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -190,6 +190,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX events_time ON events(time);
     CREATE INDEX memories_event ON memories(event_id);
+    """,
+    # 6: retention finds a kind's oldest memories (by creation time) without scanning the kind;
+    # deleting a memory finds its vectors (ON DELETE CASCADE) without scanning every vector; and
+    # listing or counting a model's vector ids reads this small index, not 1.5 KB rows of floats
+    # (1.5 GB at a million memories: seconds of every start).
+    """
+    CREATE INDEX memories_kind_created ON memories(kind, created);
+    CREATE INDEX vectors_memory ON vectors(memory_id, model_id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -424,6 +432,17 @@ class Store:
         with self.transaction() as conn:
             return _insert_memory(conn, kind, text, meta or {}, utc_now(now), None, replaceable)
 
+    def add_memories(self, items: Sequence[tuple[str, str, dict, str]]) -> list[int]:
+        """Store many (kind, text, meta, created ISO time) memories in one transaction; their ids.
+        For bulk loads (benchmarks, imports): one statement, ids assigned in order."""
+        with self.transaction() as conn:
+            first = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM memories").fetchone()[0]
+            conn.executemany("INSERT INTO memories (id, kind, text, meta, replaceable, created, event_id)"
+                             " VALUES (?, ?, ?, ?, 1, ?, NULL)",
+                             [(first + n, kind, text, json.dumps(meta), created)
+                              for n, (kind, text, meta, created) in enumerate(items)])
+        return list(range(first, first + len(items)))
+
     def get_memories(self, ids: Sequence[int]) -> dict[int, dict]:
         """Memories by id, with their event's time and kind; missing ids are left out."""
         rows = []
@@ -467,22 +486,58 @@ class Store:
 
     # -- lexical search --------------------------------------------------------------
 
-    def lexical_search(self, query: str, k: int, kind: str | None = None) -> list[tuple[int, float]]:
-        """(memory id, BM25 score: higher is better) of the k best full-text matches, best first."""
-        match = fts_match_expression(query)
-        if not match or k <= 0:
+    def lexical_search(self, query: str, k: int, kind: str | None = None,
+                       budget: int | None = None) -> list[tuple[int, float]]:
+        """(memory id, BM25 score: higher is better) of the k best full-text matches, best first.
+
+        `budget` (default LEXICAL_BUDGET; 0 = none) bounds the work, see `_lexical_plan`.
+        """
+        words = query_words(query)
+        if not words or k <= 0:
             return []
+        words, newest = self._lexical_plan(words, LEXICAL_BUDGET if budget is None else budget)
+        match, order = fts_match_expression(words), "memories_fts.rowid DESC" if newest else "bm25(memories_fts)"
+        score = "0.0" if newest else "bm25(memories_fts)"
         if kind is None:
-            sql, params = ("SELECT rowid, bm25(memories_fts) FROM memories_fts WHERE memories_fts MATCH ?"
-                           " ORDER BY bm25(memories_fts) LIMIT ?", (match, k))
+            sql, params = (f"SELECT rowid, {score} FROM memories_fts WHERE memories_fts MATCH ?"
+                           f" ORDER BY {order} LIMIT ?", (match, k))
         else:
-            sql, params = ("SELECT m.id, bm25(memories_fts) FROM memories_fts"
-                           " JOIN memories m ON m.id = memories_fts.rowid"
-                           " WHERE memories_fts MATCH ? AND m.kind = ?"
-                           " ORDER BY bm25(memories_fts) LIMIT ?", (match, kind, k))
+            sql, params = (f"SELECT m.id, {score} FROM memories_fts JOIN memories m ON m.id = memories_fts.rowid"
+                           f" WHERE memories_fts MATCH ? AND m.kind = ? ORDER BY {order} LIMIT ?", (match, kind, k))
         # SQLite's bm25() is lower-is-better (negative); flip it so every search score rises. A
         # word found in half the memories or more scores ~0 (its IDF is floored at 1e-6).
         return [(int(r[0]), -float(r[1])) for r in self._query(sql, params)]
+
+    def _lexical_plan(self, words: list[str], budget: int) -> tuple[list[str], bool]:
+        """The words to score, and whether to list the newest matches instead of ranking by BM25.
+
+        BM25 reads every posting of every query word (to score the rows, and to count a word's
+        rows for its IDF), so a word held by half of a million memories costs hundreds of
+        milliseconds while adding almost nothing to the ranking (its IDF is near zero). A
+        word's cost is the rows holding each of its tokens, counted no further than the
+        budget. When the words together cost more, the cheapest ones that fit are ranked by
+        BM25 (rare words decide a BM25 ranking anyway); when even the cheapest does not fit,
+        its newest matches are listed, score 0. Within the budget, as in any small memory,
+        this is plain BM25 over every word.
+        """
+        if budget <= 0:
+            return words, False
+        cost = {w: sum(self._capped_matches(t, budget) for t in _TOKEN.findall(w)[:MAX_WORD_TOKENS])
+                for w in words[:MAX_COSTED_WORDS]}
+        if sum(cost.values()) <= budget and len(cost) == len(words):
+            return words, False
+        kept, total = [], 0
+        for word in sorted(cost, key=cost.__getitem__):
+            if kept and total + cost[word] > budget:
+                break
+            kept.append(word)
+            total += cost[word]
+        return kept, cost[kept[0]] > budget
+
+    def _capped_matches(self, token: str, budget: int) -> int:
+        """How many memories hold `token`, counted no further than `budget` + 1."""
+        return self._query("SELECT count(*) FROM (SELECT 1 FROM memories_fts WHERE memories_fts MATCH ? LIMIT ?)",
+                           (fts_match_expression([token]), budget + 1))[0][0]
 
     # -- watched files ---------------------------------------------------------------
 
@@ -547,8 +602,15 @@ class Store:
 
     def vector_ids(self, model_id: str) -> np.ndarray:
         """Ids of the memories that have a vector for this model."""
-        rows = self._query("SELECT memory_id FROM vectors WHERE model_id = ?", (model_id,))
-        return np.array([r[0] for r in rows], dtype=np.int64)
+        rows = self._query("SELECT memory_id FROM vectors INDEXED BY vectors_memory WHERE model_id = ?"
+                           " ORDER BY memory_id", (model_id,))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def vector_fingerprint(self, model_id: str) -> tuple[int, int, int]:
+        """`id_fingerprint` of this model's vector ids, computed in SQLite (no million-row list)."""
+        row = self._query(f"SELECT count(*), coalesce(sum(memory_id), 0), coalesce(sum({_ID_HASH_SQL}), 0)"
+                          " FROM vectors INDEXED BY vectors_memory WHERE model_id = ?", (model_id,))[0]
+        return int(row[0]), int(row[1]), int(row[2])
 
     def vector_ids_among(self, model_id: str, ids: Sequence[int]) -> list[int]:
         """Those of `ids` that already have a vector for this model."""
@@ -562,7 +624,8 @@ class Store:
     def vector_count(self, model_id: str, kind: str | None = None) -> int:
         """How many memories (of one kind, or all) have a vector for this model."""
         if kind is None:
-            return self._query("SELECT count(*) FROM vectors WHERE model_id = ?", (model_id,))[0][0]
+            return self._query("SELECT count(*) FROM vectors INDEXED BY vectors_memory WHERE model_id = ?",
+                               (model_id,))[0][0]
         return self._query("SELECT count(*) FROM vectors v JOIN memories m ON m.id = v.memory_id"
                            " WHERE v.model_id = ? AND m.kind = ?", (model_id, kind))[0][0]
 
@@ -583,6 +646,22 @@ class Store:
                 blobs.append(row[1])
         matrix = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(found), dim)
         return np.array(found, dtype=np.int64), matrix
+
+    def vectors_after(self, model_id: str, after_id: int, limit: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 matrix) of up to `limit` stored vectors for this model after `after_id`, by id."""
+        rows = self._query("SELECT memory_id, vec FROM vectors WHERE model_id = ? AND memory_id > ?"
+                           " ORDER BY memory_id LIMIT ?", (model_id, after_id, limit))
+        matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+        return np.array([r[0] for r in rows], dtype=np.int64), matrix
+
+    def ids_of_kind(self, ids: Sequence[int], kind: str) -> set[int]:
+        """Those of `ids` whose memory is of `kind`."""
+        found: set[int] = set()
+        for chunk in _chunks([int(i) for i in ids], 500):
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self._query(f"SELECT id FROM memories WHERE kind = ? AND id IN ({marks})",
+                                                   [kind, *chunk]))
+        return found
 
     def memories_without_vector(self, model_id: str, limit: int = 256, after_id: int = 0) -> list[tuple[int, str]]:
         """(id, text) of memories after `after_id` not yet embedded with this model, oldest first."""
@@ -985,19 +1064,116 @@ class Store:
             tasks.append(task)
         return tasks
 
+    # -- retention (memory.retention) ------------------------------------------------------
+
+    def evictable_memories(self, kind: str, max_count: int | None = None, older_than: str | None = None,
+                           keep_events: Collection[int] = (), keep_tasks: Collection[int] = ()) -> list[int]:
+        """Ids of the memories `evict_memories` would delete now, oldest first; deletes nothing."""
+        with self._lock:
+            return _evictable(self._conn, kind, max_count, older_than, keep_events, keep_tasks, -1)
+
+    def evict_memories(self, kind: str, max_count: int | None = None, older_than: str | None = None,
+                       keep_events: Collection[int] = (), keep_tasks: Collection[int] = (),
+                       batch: int = 5000) -> list[int]:
+        """Delete the memories of `kind` past its newest `max_count` or created before `older_than`
+        (ISO UTC), except those `_EVICTABLE` keeps; `batch` rows per BEGIN IMMEDIATE transaction.
+
+        `keep_events` and `keep_tasks` are the event and task ids training pairs refer to. A
+        memory's full-text row goes with it (trigger), its vectors too (ON DELETE CASCADE);
+        its event stays. Returns the deleted ids, oldest first.
+        """
+        evicted: list[int] = []
+        while True:
+            with self.transaction() as conn:  # short transactions: writers wait one batch at most
+                ids = _evictable(conn, kind, max_count, older_than, keep_events, keep_tasks, batch)
+                conn.executemany("DELETE FROM memories WHERE id = ?", [(i,) for i in ids])
+            evicted += ids
+            if len(ids) < batch:
+                return evicted
+
+
+# What retention may delete: a replaceable memory of the kind below the bound (see
+# `_eviction_bound`) that no training pair names (its event, or the task in its meta, among
+# :keep_events / :keep_tasks) and no queued or running task needs: the task it records is that
+# task, or the one it retries (retry_of) or rewrites (payload `rewrites`), or the memory is the
+# failure a mutate task was proposed for (payload `failure_id`). The memory with the highest id
+# always stays: SQLite hands out max(id) + 1 next, and cursors and saved indexes rely on an id
+# never coming back.
+_EVICTABLE = """
+WITH active AS (SELECT id, retry_of, CASE WHEN json_valid(payload) THEN payload END AS payload
+                FROM tasks WHERE state IN ('queued', 'running')),
+     task_refs(id) AS (SELECT value FROM json_each(:keep_tasks) UNION SELECT id FROM active
+                       UNION SELECT retry_of FROM active UNION SELECT json_extract(payload, '$.rewrites') FROM active),
+     memory_refs(id) AS (SELECT json_extract(payload, '$.failure_id') FROM active)
+SELECT id FROM memories
+WHERE kind = :kind AND (created, id) < (:created, :id) AND replaceable = 1
+  AND id < (SELECT max(id) FROM memories)
+  AND coalesce(event_id, -1) NOT IN (SELECT value FROM json_each(:keep_events))
+  AND coalesce(json_extract(meta, '$.task_id'), -1) NOT IN (SELECT id FROM task_refs WHERE id IS NOT NULL)
+  AND id NOT IN (SELECT id FROM memory_refs WHERE id IS NOT NULL)
+ORDER BY created, id LIMIT :limit
+"""
+
+
+def _evictable(conn: sqlite3.Connection, kind: str, max_count: int | None, older_than: str | None,
+               keep_events: Collection[int], keep_tasks: Collection[int], limit: int) -> list[int]:
+    """Up to `limit` (-1: all) ids retention may delete now, oldest first."""
+    bound = _eviction_bound(conn, kind, max_count, older_than)
+    if bound is None:
+        return []
+    params = {"kind": kind, "created": bound[0], "id": bound[1], "limit": limit,
+              "keep_events": json.dumps(sorted({int(i) for i in keep_events})),
+              "keep_tasks": json.dumps(sorted({int(i) for i in keep_tasks}))}
+    return [r[0] for r in conn.execute(_EVICTABLE, params).fetchall()]
+
+
+def _eviction_bound(conn: sqlite3.Connection, kind: str, max_count: int | None,
+                    older_than: str | None) -> tuple[str, int] | None:
+    """(created, id) below which the memories of `kind` are past a limit; None when no limit applies.
+
+    Below the newest `max_count` means below the max_count-th newest; older than a time means
+    below (that time, 0). Past either limit is below the higher of the two bounds.
+    """
+    bounds = [(older_than, 0)] if older_than else []
+    if max_count:
+        row = conn.execute("SELECT created, id FROM memories WHERE kind = ? ORDER BY created DESC, id DESC"
+                           " LIMIT 1 OFFSET ?", (kind, max_count - 1)).fetchone()
+        if row is not None:
+            bounds.append((row[0], row[1]))
+    return max(bounds) if bounds else None
+
 
 _WORD = re.compile(r"\w+")
 MAX_QUERY_TERMS = 64  # a pasted traceback stays a bounded query
+LEXICAL_BUDGET = 20_000  # postings one full-text search may read: its cost stops growing with memory
+MAX_COSTED_WORDS = 16  # a longer query (a pasted traceback) is costed, and searched, by its first words
+MAX_WORD_TOKENS = 4  # tokens of one word costed (`a_b_c_d_e` is a phrase of five)
+_TOKEN = re.compile(r"[^\W_]+")  # what FTS5's unicode61 tokenizer keeps together
 
 
-def fts_match_expression(query: str) -> str:
-    """An FTS5 MATCH expression for free text: its words, each quoted, OR-ed ('' if none).
+_ID_HASH_MUL, _ID_HASH_MOD = 2654435761, 4294967291
+_ID_HASH_SQL = f"(memory_id * {_ID_HASH_MUL}) % {_ID_HASH_MOD}"
+
+
+def id_fingerprint(ids: np.ndarray) -> tuple[int, int, int]:
+    """(count, sum, sum of a multiplicative hash) of a set of ids: two sets that differ by
+    adds or removes (the way an index falls behind its database) practically never match."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return len(ids), int(ids.sum()), int(((ids * _ID_HASH_MUL) % _ID_HASH_MOD).sum())
+
+
+def query_words(query: str) -> list[str]:
+    """The distinct `\\w+` words of free text, at most MAX_QUERY_TERMS (FTS5 folds case itself)."""
+    return list(dict.fromkeys(_WORD.findall(query)))[:MAX_QUERY_TERMS]
+
+
+def fts_match_expression(words: Sequence[str]) -> str:
+    """An FTS5 MATCH expression for words of free text: each quoted, OR-ed ('' if none).
 
     Quoting every word makes FTS5 operators (AND, NEAR, `*`, `:`, `-`, parentheses) plain
     words, so no user text can be a syntax error; `\\w+` words never hold a double quote.
     """
-    words = dict.fromkeys(_WORD.findall(query))  # FTS5 folds case and diacritics itself
-    return " OR ".join(f'"{w}"' for w in list(words)[:MAX_QUERY_TERMS])
+    return " OR ".join(f'"{w}"' for w in words)
 
 
 def _b(value: str | None) -> str | bytes | None:

@@ -71,7 +71,7 @@ class MutationDaemon:
         if not ok or not patch.strip():
             logger.warning("the proposer made no patch", extra={"failure_id": failure["id"], "why": why or "no output"})
             return None
-        task_id = self.submit({"type": "mutate", "patch": patch,
+        task_id = self.submit({"type": "mutate", "patch": patch, "failure_id": failure["id"],  # kept from retention
                                "note": f"proposed by {self.settings.mutation.proposer[0]} for failure {failure['id']}"})
         logger.info("patch proposed", extra={"failure_id": failure["id"], "task_id": task_id})
         return task_id

@@ -215,6 +215,7 @@ class Trainer:
         self.on_progress: Callable[[dict], None] | None = None  # a terminal's progress bar
         self.planner = None  # duck-typed: next_spec(run_id) and observe(run dict)
         self._last_progress_write = 0.0
+        self._reindex_from = (0.0, 0)  # (monotonic time, memories done) when reindexing began
         self.machine = Machine(model=self, states=list(STATES), transitions=list(TRANSITIONS),
                                initial="idle", auto_transitions=False, after_state_change="_persist_state")
 
@@ -437,7 +438,13 @@ class Trainer:
         self._report(phase="training", step=step, total=total, loss=None if loss is None else round(loss, 4))
 
     def _on_reindex(self, done: int, total: int) -> None:
-        self._report(phase="reindexing", step=done, total=total)
+        now = time.monotonic()
+        if not self.progress or self.progress.get("phase") != "reindexing":
+            self._reindex_from = (now, done)  # the rate counts only what this run encodes
+        since, first = self._reindex_from
+        rate = (done - first) / (now - since) if now > since and done > first else None
+        self._report(phase="reindexing", step=done, total=total, per_s=None if rate is None else round(rate, 1),
+                     eta_s=None if rate is None else round((total - done) / rate))
 
     def _report(self, **progress) -> None:
         """Keep progress for status (written at most every 2 s); stop early when asked."""

@@ -103,3 +103,31 @@ def test_every_number_in_the_config_has_a_range():
     for (section, key), (low, high) in RANGES.items():
         default = getattr(SECTIONS[section](), key)
         assert low <= default <= high, (section, key)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[retention.max_count]\ncode_dif = 5\n", "[retention.max_count] code_dif: unknown memory kind 'code_dif'"),
+    ("[retention.max_count]\nretrain = 5\n", "[retention.max_count] retrain: retrain memories (training results) "
+                                             "are never evicted"),
+    ("[retention.max_count]\ntask = 0\n", "[retention.max_count] task must be a number from 1 to"),
+    ("[retention.max_count]\ntask = 2.5\n", "[retention.max_count] task must be an integer"),
+    ("[retention.max_age_days]\nfailure = -3\n", "[retention.max_age_days] failure must be a number from 0.001"),
+    ("[retention.max_age_days]\nfailure = nan\n", "[retention.max_age_days] failure must be a number from 0.001"),
+    ("[retention]\nmax_count = 5\n", "[retention] max_count must be a table of memory kind = an integer"),
+    ("[retention]\nbatch = 0\n", "[retention] batch must be a number from 1 to 1000000"),
+])
+def test_invalid_retention_names_the_key(tmp_path: Path, text: str, expected: str):
+    init_home(tmp_path)
+    (tmp_path / "config" / "gremlin.toml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    assert expected in str(info.value) and str(tmp_path / "config" / "gremlin.toml") in str(info.value)
+
+
+def test_retention_limits_load_per_kind_and_default_to_none(tmp_path: Path):
+    init_home(tmp_path)
+    assert load_settings(tmp_path).retention.limited_kinds == ()
+    write_config(tmp_path, **{"retention.max_count": {"code_diff": 10}, "retention.max_age_days": {"failure": 1.5}})
+    retention = load_settings(tmp_path).retention
+    assert (retention.max_count, retention.max_age_days) == ({"code_diff": 10}, {"failure": 1.5})
+    assert retention.limited_kinds == ("code_diff", "failure") and retention.batch == 5000

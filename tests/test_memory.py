@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
+from config.settings import load_settings
 from memory.service import Memory, make_preview
-from memory.store import FileState, NewEvent, utc_now
+from memory.store import FileState, NewEvent, Store, utc_now
+from tests.conftest import make_home, write_config
 
 DIFFS = {
     "/p/auth.py": "+def check_password(user, password):\n+    return bcrypt.verify(password, user.hash)",
@@ -132,3 +135,34 @@ def test_a_stopping_embed_queue_leaves_a_backlog_to_the_next_catch_up(settings, 
     assert 0 < store.vector_count(embedder.model_id) < 200
     left = 200 - store.vector_count(embedder.model_id)
     assert memory.catch_up() == left and store.vector_count(embedder.model_id) == 200
+
+
+def _random_memories(store, model_id: str, n: int, seed: int) -> tuple[list[int], np.ndarray]:
+    """`n` memories (every third a task) with random unit vectors stored for `model_id`."""
+    ids = [store.add_memory("task" if i % 3 == 0 else "code_diff", f"entry {seed}-{i}") for i in range(n)]
+    x = np.random.default_rng(seed).standard_normal((n, 384)).astype(np.float32)
+    vectors = x / np.linalg.norm(x, axis=1, keepdims=True)
+    store.add_vectors(model_id, ids, vectors)
+    return ids, vectors
+
+
+def test_an_index_that_outgrows_exact_search_is_rebuilt_in_the_background(tmp_path, embedder):
+    home = make_home(tmp_path)
+    write_config(home, memory={"ann_threshold": 1000, "ann_nprobe": 64})
+    settings = load_settings(home)
+    store = Store(settings.memory.db)
+    _random_memories(store, embedder.model_id, 900, seed=1)
+    memory = Memory(settings, store, embedder)
+    assert memory.index.exact and not memory.maintain_index()
+    ids, vectors = _random_memories(store, embedder.model_id, 300, seed=2)
+    memory.index.add(np.array(ids), vectors)
+    assert memory.maintain_index()
+    memory._rebuild.join(60)
+    assert not memory.index.exact and memory.index.ntotal == 1200
+    assert memory.describe()["index"]["kind"] == "ivf-sq8"
+    assert memory.index.search(vectors[7], 1)[0][0] == ids[7]
+    hits = memory.search("entry", k=5, kind="task", mode="dense")  # filtered on an approximate index
+    assert len(hits) == 5 and all(h.kind == "task" for h in hits)
+    reopened = Memory(settings, store, embedder)  # the rebuilt index was saved
+    assert not reopened.index.exact and reopened.index.ntotal == 1200
+    store.close()

@@ -130,3 +130,29 @@ def test_processes_opening_a_new_database_at_once_migrate_it_once(tmp_path):
     store = Store(db)
     assert store._query("PRAGMA user_version")[0][0] == SCHEMA_VERSION
     store.close()
+
+
+def test_bulk_added_memories_get_consecutive_ids_and_full_text_rows(store: Store):
+    first = store.add_memory("task", "before")
+    ids = store.add_memories([("code_diff", f"bulk entry {i}", {"n": i}, "2026-01-01T00:00:00+00:00")
+                              for i in range(5)])
+    assert ids == list(range(first + 1, first + 6))
+    assert store.get_memories(ids[2:3])[ids[2]]["meta"] == {"n": 2}
+    assert {i for i, _ in store.lexical_search("bulk", 10)} == set(ids)
+
+
+def test_full_text_search_of_very_common_words_stays_within_its_budget(store: Store):
+    common = store.add_memories([("log", f"common words everywhere {i}", {}, "2026-01-01T00:00:00+00:00")
+                                 for i in range(100)])
+    rare = store.add_memory("log", "common words and one zanzibar")
+    # Within the budget nothing changes: every word is ranked by BM25.
+    assert store.lexical_search("common zanzibar", 5, budget=1000)[0][0] == rare
+    assert len(store.lexical_search("common zanzibar", 200, budget=1000)) == 101
+    # "common" is in 101 memories, over a budget of 40: the rare word alone decides the ranking ...
+    assert [i for i, _ in store.lexical_search("common zanzibar", 5, budget=40)] == [rare]
+    # ... and a query of only over-common words lists their newest matches (score 0), newest first.
+    found = store.lexical_search("common words", 3, budget=40)
+    assert found == [(rare, 0.0), (common[-1], 0.0), (common[-2], 0.0)]
+    assert [i for i, _ in store.lexical_search("everywhere", 2, kind="log", budget=40)] == common[:-3:-1]
+    # A phrase word costs the rows of each of its tokens.
+    assert [i for i, _ in store.lexical_search("common_words zanzibar", 5, budget=150)] == [rare]
