@@ -60,7 +60,7 @@ def search_memory(settings, query: str, k: int = 5, kind: str | None = None, mod
     store = Store(settings.memory.db, readonly=True)
     try:
         if mode == "lexical":
-            return [hit.to_dict() for hit in lexical_hits(store, query, k, kind)]
+            return [hit.to_dict() for hit in lexical_hits(store, query, k, kind, settings.memory.lexical_budget)]
         memory = Memory(settings, store, Embedder.from_settings(settings))
         return [hit.to_dict() for hit in memory.search(query, k, kind, mode)]
     finally:

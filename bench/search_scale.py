@@ -138,7 +138,6 @@ def measure(n: int, args, embedder: Embedder, bases: np.ndarray, base_dir: Path)
     started = time.perf_counter()
     index = build_index(settings, store, embedder)
     row.update(build_s=time.perf_counter() - started, index=index.describe()["kind"])
-    del index
     memory = Memory(settings, store, embedder)
     for mode in ("dense", "lexical", "hybrid"):
         for query in queries[:20]:  # warm caches and the encoder
@@ -152,7 +151,6 @@ def measure(n: int, args, embedder: Embedder, bases: np.ndarray, base_dir: Path)
     times, _ = timed(lambda q: [i for i, _ in memory.index.search(next(vectors), K)], queries)
     row["index_p99_ms"] = percentile(times, 99)
     store.close()
-    del memory
     if not args.no_daemon:
         row.update(restart(home, queries[:100]))
     return row

@@ -90,6 +90,7 @@ class MemorySettings:
     ann_threshold: int = 50_000
     ann_nprobe: int = 128
     ann_rerank: int = 4
+    lexical_budget: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("model", "batch_size"): (0, 4096), ("model", "max_seq_length"): (8, 8192),
     ("memory", "index_save_interval_s"): (0, DAY_S), ("memory", "memory_chars"): (64, 1_000_000),
     ("memory", "ann_threshold"): (1_000, 1_000_000_000), ("memory", "ann_nprobe"): (1, 16384),
-    ("memory", "ann_rerank"): (1, 100),
+    ("memory", "ann_rerank"): (1, 100), ("memory", "lexical_budget"): (0, 1_000_000_000),
     ("logging", "max_bytes"): (1024, 10 * 1024 * MIB), ("logging", "backup_count"): (0, 1000),
     ("dashboard", "port"): (1, 65_535), ("dashboard", "threads"): (1, 64),
     ("training", "min_logic_changes"): (1, 1_000_000), ("training", "confidence_threshold"): (0, 1),

@@ -55,7 +55,8 @@ class Backend:
                 return control_request(self.settings, "search", query=query, k=k, kind=kind, mode=mode), mode
             except DaemonUnavailable:
                 pass  # still starting: lexical results now rather than a model load
-        return [hit.to_dict() for hit in lexical_hits(read_store(), query, k, kind)], "lexical"
+        budget = self.settings.memory.lexical_budget
+        return [hit.to_dict() for hit in lexical_hits(read_store(), query, k, kind, budget)], "lexical"
 
     def train(self, note: str = "", force: bool = False) -> dict:
         """Queue a manual retrain trigger; {"trigger": …, "daemon": whether a daemon took it}."""

@@ -54,10 +54,11 @@ def check_query(query: str, mode: str) -> None:
         raise EmptyQuery("the query is empty; search for some words, an identifier or an error message")
 
 
-def lexical_hits(store: Store, query: str, k: int = 10, kind: str | None = None) -> list[SearchHit]:
+def lexical_hits(store: Store, query: str, k: int = 10, kind: str | None = None,
+                 budget: int | None = None) -> list[SearchHit]:
     """The k memories whose text best matches the words of `query` (BM25); needs no model."""
     check_query(query, "lexical")
-    return _hits(store, store.lexical_search(query, k, kind))
+    return _hits(store, store.lexical_search(query, k, kind, budget))
 
 
 def _hits(store: Store, found: list[tuple[int, float]]) -> list[SearchHit]:
@@ -194,7 +195,7 @@ class Memory:
         if mode == "dense":
             found = self._dense(query, k, kind)
         elif mode == "lexical":
-            found = self.store.lexical_search(query, k, kind)
+            found = self.store.lexical_search(query, k, kind, self.settings.memory.lexical_budget)
         else:
             found = self._hybrid(query, k, kind)
         return _hits(self.store, found)
@@ -217,7 +218,8 @@ class Memory:
         depth = max(HYBRID_DEPTH, HYBRID_DEPTH_FACTOR * k)
         # Lexical first: on a tie (say first in one list each) the memory that holds the
         # query's words wins, e.g. the exact match of a rare identifier over a look-alike.
-        rankings = [[i for i, _ in self.store.lexical_search(query, depth, kind)],
+        budget = self.settings.memory.lexical_budget
+        rankings = [[i for i, _ in self.store.lexical_search(query, depth, kind, budget)],
                     [i for i, _ in self._dense(query, depth, kind)]]
         best = len(rankings) / (RRF_K + 1)  # the fused score of an item first everywhere
         return [(int(i), score / best) for i, score in reciprocal_rank_fusion(rankings, RRF_K, k)]
