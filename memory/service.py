@@ -287,6 +287,8 @@ def build_index(settings, store: Store, embedder: Embedder, batch: int = 0,
     """
     total, done = store.memory_count(), store.vector_count(embedder.model_id)
     chunk = batch or max(REINDEX_CHUNK, 16 * embedder.batch_size)
+    if progress:
+        progress(min(done, total), total)  # the start: a rate and an ETA are measured from here
     after = 0  # each chunk starts after the last: no rescan of what is done (quadratic at 100k)
     while pairs := store.memories_without_vector(embedder.model_id, chunk, after):
         ids = np.array([p[0] for p in pairs], dtype=np.int64)

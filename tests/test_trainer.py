@@ -131,12 +131,18 @@ def test_promotion_reindexes_while_search_answers_and_rollback_restores(trained_
 
     searcher = threading.Thread(target=search_all_the_time)
     searcher.start()
+    reports: list[dict] = []
     try:
-        outcome = Trainer(settings, store, memory).run(manual_trigger("test"))
+        trainer = Trainer(settings, store, memory)
+        trainer.on_progress = reports.append
+        outcome = trainer.run(manual_trigger("test"))
     finally:
         stop.set()
         searcher.join()
     assert outcome.outcome == "promoted", outcome.reason
+    reindexing = [r for r in reports if r.get("phase") == "reindexing"]
+    assert reindexing and reindexing[-1]["step"] == reindexing[-1]["total"] == store.counts()["memories"]
+    assert reindexing[-1]["eta_s"] == 0 and reindexing[-1]["per_s"] > 0      # rate and ETA for status
     assert answers and all(n == 3 for n in answers)                        # never an empty answer
     assert memory.model_id == outcome.model_id != base_id
     assert memory.index.ntotal == store.counts()["memories"]               # everything re-embedded
