@@ -89,7 +89,7 @@ class MemorySettings:
     memory_chars: int = 4000
     ann_threshold: int = 50_000
     ann_nprobe: int = 128
-    ann_rerank: int = 4
+    ann_rerank: int = 2
     lexical_budget: int = 20_000
 
 

@@ -46,7 +46,7 @@ class IndexOptions:
 
     ann_threshold: int = 50_000
     nprobe: int = 128
-    rerank: int = 4
+    rerank: int = 2
 
     @classmethod
     def from_settings(cls, memory) -> IndexOptions:
