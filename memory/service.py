@@ -200,13 +200,13 @@ class Memory:
             found = self._hybrid(query, k, kind)
         return _hits(self.store, found)
 
-    def _dense(self, query: str, k: int, kind: str | None) -> list[tuple[int, float]]:
+    def _dense(self, query: str, k: int, kind: str | None, exact_scores: bool = True) -> list[tuple[int, float]]:
         embedder, index = self.current()  # one pair: a model swap may happen meanwhile
         vector = embedder.encode([query])[0]
         if kind is None:
-            return index.search(vector, k)
+            return index.search(vector, k, exact_scores=exact_scores)
         if not index.exact:  # a deeper unrestricted search, filtered, avoids listing a common kind's ids
-            found = index.search(vector, k * KIND_OVERFETCH)
+            found = index.search(vector, k * KIND_OVERFETCH, exact_scores=exact_scores)
             ours = self.store.ids_of_kind([i for i, _ in found], kind)
             if len(ours) >= min(k, len(found)):
                 return [(i, s) for i, s in found if i in ours][:k]
@@ -220,7 +220,7 @@ class Memory:
         # query's words wins, e.g. the exact match of a rare identifier over a look-alike.
         budget = self.settings.memory.lexical_budget
         rankings = [[i for i, _ in self.store.lexical_search(query, depth, kind, budget)],
-                    [i for i, _ in self._dense(query, depth, kind)]]
+                    [i for i, _ in self._dense(query, depth, kind, exact_scores=False)]]  # ranks only
         best = len(rankings) / (RRF_K + 1)  # the fused score of an item first everywhere
         return [(int(i), score / best) for i, score in reciprocal_rank_fusion(rankings, RRF_K, k)]
 

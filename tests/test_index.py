@@ -203,3 +203,12 @@ def test_an_index_that_crossed_the_threshold_asks_for_a_rebuild(tmp_path: Path, 
 def test_ivf_list_counts_grow_with_the_square_root_of_the_size():
     assert ivf_lists(1_000) == 128 and ivf_lists(50_000) == 1024 and ivf_lists(1_000_000) == 4096
     assert ivf_lists(10) == 64 and ivf_lists(10**10) == 16384
+
+
+def test_an_ivf_ranking_without_re_scoring_reads_no_stored_vectors(tmp_path: Path, large):
+    store, ids, vectors = large
+    index = VectorIndex.open(tmp_path / "idx", "m1", DIM, store, SMALL_ANN)
+    ranked = index.search(vectors[9], 10, exact_scores=False)
+    store.close()  # the codes alone answer: a closed store would fail a re-scoring read
+    assert ranked[0][0] == ids[9] and len(ranked) == 10
+    assert ranked[0][1] == pytest.approx(1.0, abs=0.05)  # 8-bit codes: close to, not exactly, the cosine

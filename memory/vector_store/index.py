@@ -186,8 +186,10 @@ class VectorIndex:
             self._index.remove_ids(np.asarray(ids, dtype=np.int64))
             self.dirty = True
 
-    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        """The k nearest memory ids with their cosine scores, best first."""
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               exact_scores: bool = True) -> list[tuple[int, float]]:
+        """The k nearest memory ids with their cosine scores, best first. Without `exact_scores`
+        an IVF index skips re-scoring (for a ranking that only its order feeds, as in hybrid)."""
         if k <= 0 or self.ntotal == 0 or (allowed is not None and not len(allowed)):
             return []
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
@@ -196,6 +198,8 @@ class VectorIndex:
             params = None if sel is None else faiss.SearchParameters(sel=sel)
             return self._raw_search(query, min(k, self.ntotal), params)
         params = faiss.SearchParametersIVF(sel=sel, nprobe=self.options.nprobe)
+        if not exact_scores:
+            return self._raw_search(query, min(k, self.ntotal), params)
         found = self._raw_search(query, min(k * max(1, self.options.rerank), self.ntotal), params)
         return self._rescored(query[0], found, k)
 
