@@ -11,14 +11,13 @@ own randomness.
 
 from __future__ import annotations
 
-import difflib
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from bench.ingest import edit, source_file
+from bench.ingest import source_file, statement
 from memory.text import embedding_text
 from memory.vector_store.embedder import Embedder
 
@@ -28,22 +27,29 @@ MIX = 0.5  # at most this far towards the second embedding
 
 
 def diff_texts(n: int, seed: int = 7) -> list[str]:
-    """`n` unified diffs of generated modules, as the daemon stores change memories."""
+    """`n` git-style unified diffs of generated modules (one hunk: 1-3 lines rewritten as 1-4
+    statements, three context lines each side), as the daemon stores change memories."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        before = source_file(rng)
-        after = edit(rng, before)
         name = f"pkg/mod_{i % 400}.py"
-        body = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True),
-                                            f"a/{name}", f"b/{name}"))
-        out.append(f"modified {name}\n{body}")
+        lines = source_file(rng).splitlines()
+        at = rng.randrange(4, len(lines) - 1)
+        before, removed = lines[at - 3:at], lines[at:at + rng.randint(1, 3)]
+        after = lines[at + len(removed):at + len(removed) + 3]
+        added = [line for _ in range(rng.randint(1, 4)) for line in statement(rng).splitlines()]
+        function = next((line for line in reversed(lines[:at]) if line.startswith("def ")), "")
+        body = ([f" {line}" for line in before] + [f"-{line}" for line in removed] + [f"+{line}" for line in added]
+                + [f" {line}" for line in after])
+        out.append(f"modified {name}\ndiff --git a/{name} b/{name}\n--- a/{name}\n+++ b/{name}\n"
+                   f"@@ -{at - 2},{len(before) + len(removed) + len(after)} +{at - 2},"
+                   f"{len(before) + len(added) + len(after)} @@ {function}\n" + "\n".join(body) + "\n")
     return out
 
 
 def base_embeddings(embedder: Embedder, n: int, cache_dir: Path) -> np.ndarray:
     """Real embeddings of `n` generated diffs (their text view), cached per model."""
-    cache = Path(cache_dir) / f"bases-{embedder.model_id}-{n}.npy"
+    cache = Path(cache_dir) / f"bases-git-{embedder.model_id}-{n}.npy"
     if cache.exists():
         return np.load(cache)
     vectors = embedder.encode([embedding_text(t) for t in diff_texts(n)])
