@@ -291,7 +291,10 @@ class Store:
             else:
                 self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
                 os.close(os.open(self.path, os.O_CREAT | os.O_RDONLY, PRIVATE_FILE))  # its -wal and -shm take its mode
-                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                # The busy timeout from the first statement: processes opening a new file at once
+                # wait for each other's page size and WAL switch instead of failing "locked".
+                conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                       timeout=BUSY_TIMEOUT_MS / 1000)
                 # A new database only (a no-op on an existing one): with 4 KiB pages a 1.5 KiB vector
                 # row spills into an overflow page, so each re-scoring read costs two page reads.
                 conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
