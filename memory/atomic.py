@@ -12,11 +12,15 @@ import tempfile
 from pathlib import Path
 
 
-def write_bytes_atomically(path: Path, data: bytes | memoryview, mode: int | None = None) -> None:
+def write_bytes_atomically(path: Path, data: bytes | memoryview, mode: int | None = None,
+                           parents: bool = True, sync_dir: bool = True) -> None:
     """Replace `path` with `data` in one step; `mode` sets its permission bits before the
-    switch, so no reader sees the file with the wrong ones."""
+    switch, so no reader sees the file with the wrong ones. `parents=False`: the caller
+    knows the folder exists; `sync_dir=False`: the caller can live with the switch being
+    undone by a power cut (the file's content is durable before it has its name)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -29,7 +33,8 @@ def write_bytes_atomically(path: Path, data: bytes | memoryview, mode: int | Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def write_json_atomically(path: Path, obj) -> None:

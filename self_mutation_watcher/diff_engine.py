@@ -3,7 +3,7 @@
 The last seen content of every watched text file is kept, with likely secrets redacted, in
 a shadow store keyed by content hash (`data/shadow/ab/cdef…`). A change is the unified diff,
 made by GNU diff, between the shadow copy and the new (redacted) content, parsed with
-unidiff into hunks. Binary files and
+unidiff into hunks; the files of one batch share one `diff -r` run. Binary files and
 files over the size limit become events with metadata only. Log files are followed
 from their last offset instead, and appended text that looks like a failure becomes a
 failure memory.
@@ -15,9 +15,12 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
+import shutil
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from self_mutation_watcher.redact import Redactor, count_markers
 logger = logging.getLogger(__name__)
 
 DIFF_TIMEOUT_S = 30
+DIFF_FARM_PREFIX = ".diff-"  # folders of links for one batched diff, inside the shadow store
 BINARY_SNIFF_BYTES = 8192
 
 
@@ -94,6 +98,7 @@ class ShadowStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._fans: set[str] = set()  # fan folders known to exist: a failing mkdir costs a syscall
 
     def path(self, sha: str) -> Path:
         """Where the blob of `sha` lives (it may not exist)."""
@@ -104,13 +109,27 @@ class ShadowStore:
         return bool(sha) and self.path(sha).is_file()
 
     def put(self, data: bytes, sha: str | None = None) -> str:
-        """Store `data` once (atomically) and return its sha256."""
+        """Store `data` once (atomically) and return its sha256.
+
+        The copy's content is fsynced before it gets its name, but its folder is not: a power
+        cut can lose only the whole copy (the next diff of that file then says
+        `previous_unknown`), never leave a wrong one; a third less file system time per change."""
         sha = sha or sha256_bytes(data)
         if not self.has(sha):
-            if not self.root.exists():  # copies of watched files: only Gremlin's user may read them
-                self.root.mkdir(parents=True, mode=0o700)
-            write_bytes_atomically(self.path(sha), data)
+            if sha[:2] not in self._fans:
+                self._make_fan(sha[:2])
+            try:
+                write_bytes_atomically(self.path(sha), data, parents=False, sync_dir=False)
+            except FileNotFoundError:  # its folder was removed under us
+                self._make_fan(sha[:2])
+                write_bytes_atomically(self.path(sha), data, parents=False, sync_dir=False)
         return sha
+
+    def _make_fan(self, fan: str) -> None:
+        if not self.root.exists():  # copies of watched files: only Gremlin's user may read them
+            self.root.mkdir(parents=True, mode=0o700)
+        (self.root / fan).mkdir(exist_ok=True)
+        self._fans.add(fan)
 
     def blobs(self) -> Iterator[Path]:
         """Every stored copy."""
@@ -132,7 +151,10 @@ class ShadowStore:
         return changed
 
     def prune(self, keep: set[str]) -> int:
-        """Delete copies whose sha is not in `keep` (no file's last content); return how many."""
+        """Delete copies whose sha is not in `keep` (no file's last content); return how many.
+        Link folders a batched diff left behind (it was killed) go too."""
+        for farm in self.root.glob(DIFF_FARM_PREFIX + "*"):
+            shutil.rmtree(farm, ignore_errors=True)
         removed = 0
         for blob in list(self.blobs()):
             if blob.parent.name + blob.name not in keep:
@@ -141,18 +163,100 @@ class ShadowStore:
         return removed
 
 
+@dataclass(frozen=True)
+class DiffJob:
+    """Two files to compare (None for an absent side), and the path their diff names."""
+
+    old: Path | None
+    new: Path | None
+    label: str
+
+    def labels(self) -> tuple[str, str]:
+        """The `---` and `+++` names of the diff, as git writes them."""
+        return (c_quote(f"a/{self.label}") if self.old else "/dev/null",
+                c_quote(f"b/{self.label}") if self.new else "/dev/null")
+
+
 def unified_diff(old: Path | None, new: Path | None, label: str, max_bytes: int) -> Diff:
     """The unified diff of two files (None for an absent side), made by GNU diff."""
-    cmd = ["diff", "-u", "-a", "--label", c_quote(f"a/{label}") if old else "/dev/null",
-           "--label", c_quote(f"b/{label}") if new else "/dev/null",
-           str(old or os.devnull), str(new or os.devnull)]
+    old_label, new_label = DiffJob(old, new, label).labels()
+    cmd = ["diff", "-u", "-a", "--label", old_label, "--label", new_label, str(old or os.devnull),
+           str(new or os.devnull)]
+    out = _run_diff(cmd, display_path(label))
+    return parse_diff(out.decode("utf-8", errors="replace"), max_bytes)
+
+
+def unified_diffs(jobs: Sequence[DiffJob], max_bytes: int, workdir: Path | None = None) -> list[Diff | DiffError]:
+    """The diff of each job, equal to `unified_diff`'s, from one GNU diff run for them all.
+
+    Starting a process costs more than diffing a small file, so a batch is one `diff -r`
+    over two folders of links to its files, made in `workdir` (hard links where it shares
+    the files' file system, else in the temp folder). Should that run fail, each job is
+    diffed on its own, so that an error (returned in its place) belongs to its file.
+    """
+    if len(jobs) < 2:
+        return [_diff_or_error(job, max_bytes) for job in jobs]
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=DIFF_TIMEOUT_S, check=False)
+        texts = _diff_tree(jobs, workdir)
+    except DiffError as exc:
+        logger.warning("batched diff failed; diffing each file on its own",
+                       extra={"files": len(jobs), "error": str(exc)})
+        return [_diff_or_error(job, max_bytes) for job in jobs]
+    return [parse_diff(texts.get(i, ""), max_bytes) for i in range(len(jobs))]
+
+
+def _diff_or_error(job: DiffJob, max_bytes: int) -> Diff | DiffError:
+    try:
+        return unified_diff(job.old, job.new, job.label, max_bytes)
+    except DiffError as exc:
+        return exc
+
+
+# The line `diff -r` writes before each pair that differs; the links are named by job number.
+_TREE_PAIR = re.compile(rb"^diff -u -a -r -N a/(\d+) b/\d+\n", re.MULTILINE)
+
+
+def _diff_tree(jobs: Sequence[DiffJob], workdir: Path | None) -> dict[int, str]:
+    """Diff text per job number (none where equal) from `diff -u -a -r -N` over links a/N, b/N."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=DIFF_FARM_PREFIX, dir=workdir) as tmp:
+            for side in ("a", "b"):
+                os.mkdir(os.path.join(tmp, side))
+            for i, job in enumerate(jobs):
+                for side, target in (("a", job.old), ("b", job.new)):
+                    if target is not None:  # -N: a missing side is an empty file, as /dev/null is
+                        _link(target, os.path.join(tmp, side, f"{i:06d}"))
+            out = _run_diff(["diff", "-u", "-a", "-r", "-N", "a", "b"], f"{len(jobs)} files", cwd=tmp)
+    except OSError as exc:
+        raise DiffError(f"cannot link {len(jobs)} files to diff them together: {exc}") from exc
+    pairs = list(_TREE_PAIR.finditer(out))
+    texts = {}
+    for pair, after in zip(pairs, [*pairs[1:], None]):
+        i = int(pair.group(1))
+        # diff -r names the links (and their times) where --label would name the file
+        body = out[pair.end():after.start() if after else len(out)].split(b"\n", 2)[2:] or [b""]
+        old_label, new_label = jobs[i].labels()
+        texts[i] = f"--- {old_label}\n+++ {new_label}\n" + body[0].decode("utf-8", errors="replace")
+    return texts
+
+
+def _link(target: Path, link: str) -> None:
+    """A hard link (a symlink with a long target costs a disk block), else a symlink."""
+    try:
+        os.link(target, link)
+    except OSError:  # another file system, or links not allowed there
+        os.symlink(os.path.abspath(target), link)
+
+
+def _run_diff(cmd: list[str], what: str, cwd: str | None = None) -> bytes:
+    """GNU diff's output (exit 0: same, 1: different); DiffError when it fails."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=DIFF_TIMEOUT_S, check=False, cwd=cwd)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DiffError(f"diff of {display_path(label)} failed: {exc}; is GNU diffutils installed?") from exc
+        raise DiffError(f"diff of {what} failed: {exc}; is GNU diffutils installed?") from exc
     if proc.returncode > 1:
-        raise DiffError(f"diff of {display_path(label)} failed: {proc.stderr.decode(errors='replace').strip()}")
-    return parse_diff(proc.stdout.decode("utf-8", errors="replace"), max_bytes)
+        raise DiffError(f"diff of {what} failed: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
 
 
 def parse_diff(text: str, max_bytes: int) -> Diff:
@@ -174,12 +278,22 @@ def parse_diff(text: str, max_bytes: int) -> Diff:
 
 
 @dataclass(frozen=True)
+class PendingDiff:
+    """A change whose event is made once its diff is (the diffs of a batch share one run)."""
+
+    job: DiffJob
+    event: Callable[[Diff], NewEvent]
+
+
+@dataclass(frozen=True)
 class Outcome:
-    """What a check found: events to record, a state to save silently, or ask again later."""
+    """What a check found: events to record, a state to save silently, or ask again later;
+    `pending` (from `ChangeDetector.inspect` only) is an event still waiting for its diff."""
 
     events: tuple[NewEvent, ...] = ()
     state: FileState | None = None
     retry: bool = False
+    pending: PendingDiff | None = None
 
 
 NOTHING = Outcome()
@@ -198,10 +312,42 @@ class ChangeDetector:
         self.is_log = is_log
         self.redactor = redactor or Redactor.build(watch.redact, watch.redact_patterns)
 
-    def check(self, path: Path, root: Path, *, trust_stat: bool = False,
-              baseline_before_ns: int | None = None, prev: FileState | None = None,
-              known: bool = False, accept_changing: bool = False) -> Outcome:
-        """What happened to `path` since it was last recorded (`prev`, looked up unless known).
+    def check(self, path: Path, root: Path, **options) -> Outcome:
+        """What happened to `path` since it was last recorded (see `inspect` for the options)."""
+        outcome = self.inspect(path, root, **options)
+        if outcome.pending is None:
+            return outcome
+        job = outcome.pending.job
+        return self.finish(outcome, unified_diff(job.old, job.new, job.label, self.watch.max_diff_bytes))
+
+    def check_many(self, checks: Sequence[tuple[Path, Path, dict]]) -> list[Outcome | Exception]:
+        """`check` of each (path, root, options), their diffs made by one GNU diff run; a check
+        that failed is its exception, so one bad file does not cost the others theirs."""
+        results: list[Outcome | Exception] = []
+        for path, root, options in checks:
+            try:
+                results.append(self.inspect(path, root, **options))
+            except Exception as exc:  # noqa: BLE001 - handed back in its place, logged by the caller
+                results.append(exc)
+        waiting = [i for i, r in enumerate(results) if isinstance(r, Outcome) and r.pending]
+        diffs = unified_diffs([results[i].pending.job for i in waiting], self.watch.max_diff_bytes,
+                              self.shadow.root)
+        for i, diff in zip(waiting, diffs, strict=True):
+            try:
+                results[i] = diff if isinstance(diff, Exception) else self.finish(results[i], diff)
+            except Exception as exc:  # noqa: BLE001 - as above
+                results[i] = exc
+        return results
+
+    def finish(self, outcome: Outcome, diff: Diff) -> Outcome:
+        """`outcome` with its pending event made from `diff`."""
+        return Outcome((outcome.pending.event(diff),), outcome.state, outcome.retry)
+
+    def inspect(self, path: Path, root: Path, *, trust_stat: bool = False,
+                baseline_before_ns: int | None = None, prev: FileState | None = None,
+                known: bool = False, accept_changing: bool = False) -> Outcome:
+        """What happened to `path` since it was last recorded (`prev`, looked up unless known);
+        an event that needs a diff is left `pending`.
 
         With `baseline_before_ns`, a file last modified before that time is recorded silently
         (a root's first scan); one modified after it changed while being watched: an event.
@@ -266,12 +412,13 @@ class ChangeDetector:
         if baseline:
             return Outcome(state=state)
         old = self.shadow.path(prev.sha) if prev and self.shadow.has(prev.sha) else None
-        diff = unified_diff(old, self.shadow.path(sha), _label(path, root), self.watch.max_diff_bytes)
         flags = {"invalid_utf8": True} if decode_text(data)[1] else {}
         if prev and old is None:
             flags["previous_unknown"] = True
         change = "modified" if prev else "created"
-        return Outcome((self._event(change, path, root, state, prev, diff.text, {**diff.meta(), **flags}),))
+        return Outcome(pending=PendingDiff(
+            DiffJob(old, self.shadow.path(sha), _label(path, root)),
+            lambda diff: self._event(change, path, root, state, prev, diff.text, {**diff.meta(), **flags})))
 
     def shadow_copy(self, data: bytes) -> bytes:
         """What the shadow keeps of a text file: its content with secrets redacted, so that no
@@ -285,9 +432,11 @@ class ChangeDetector:
         if prev is None:
             return NOTHING
         old = self.shadow.path(prev.sha) if self.shadow.has(prev.sha) else None
-        diff = unified_diff(old, None, _label(path, root), self.watch.max_diff_bytes) if old else None
-        meta = diff.meta() if diff else {"metadata_only": True}
-        return Outcome((self._event("deleted", path, root, None, prev, diff.text if diff else None, meta),))
+        if old is None:
+            return Outcome((self._event("deleted", path, root, None, prev, None, {"metadata_only": True}),))
+        return Outcome(pending=PendingDiff(
+            DiffJob(old, None, _label(path, root)),
+            lambda diff: self._event("deleted", path, root, None, prev, diff.text, diff.meta())))
 
     def _metadata_only(self, path, root, prev, st, sha, baseline: bool, reason: str) -> Outcome:
         state = FileState(str(path), str(root), sha, st.st_size, st.st_mtime_ns, st.st_ino)

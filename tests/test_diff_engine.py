@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from memory.store import FileState, NewEvent, Store
-from self_mutation_watcher.diff_engine import NOTHING, ChangeDetector, ShadowStore, parse_diff, unified_diff
+from self_mutation_watcher.diff_engine import (NOTHING, ChangeDetector, DiffError, DiffJob, ShadowStore, parse_diff,
+                                               unified_diff, unified_diffs)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,6 +60,67 @@ def test_long_diffs_are_cut_at_a_line_and_flagged(tmp_path: Path):
 def test_unparseable_diff_text_is_flagged_not_fatal():
     diff = parse_diff("--- a/x\n+++ b/x\n@@ -1,5 +1,5 @@\n-only one line\n", 1000)
     assert diff.parsed is False and diff.hunks == ()
+
+
+# Pairs a batched diff must treat exactly as one `diff` per file: (old bytes, new bytes), None = absent.
+TRICKY_PAIRS = {
+    "plain.py": (b"a = 1\nb = 2\n", b"a = 1\nb = 3\n"),
+    "no_newline.txt": (b"x\ny", b"x\nz"),
+    "header_like.txt": (b"keep\n", b"keep\ndiff -u -a -r -N a/000001 b/000001\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n"),
+    "latin1.txt": ("caf\u00e9\n".encode("latin-1"), "th\u00e9\n".encode("latin-1")),
+    "crlf.txt": (b"one\r\ntwo\r\n", b"one\r\nthree\r\n"),
+    "nul.bin": (b"a\0b\n", b"a\0c\n"),
+    "created.py": (None, b"new = True\n"),
+    "deleted.py": (b"old = True\n", None),
+    "emptied.py": (b"gone\n", b""),
+    "same.txt": (b"same\n", b"same\n"),
+    'we"ird\\na\tme.py': (b"q\n", b"r\n"),
+}
+
+
+def test_a_batch_is_diffed_by_one_gnu_diff_run_exactly_as_file_by_file(tmp_path: Path):
+    jobs = []
+    for i, (name, pair) in enumerate(TRICKY_PAIRS.items()):
+        sides = [tmp_path / f"{side}{i}" for side in ("old", "new")]
+        for path, data in zip(sides, pair, strict=True):
+            if data is not None:
+                path.write_bytes(data)
+        jobs.append(DiffJob(*(p if d is not None else None for p, d in zip(sides, pair, strict=True)), f"pkg/{name}"))
+    for max_bytes in (1 << 20, 40):
+        batched = unified_diffs(jobs, max_bytes, workdir=tmp_path)
+        assert batched == [unified_diff(j.old, j.new, j.label, max_bytes) for j in jobs]
+    assert batched[0].text.startswith("--- a/pkg/plain.py\n+++ b/pkg/plain")
+    assert not list(tmp_path.glob(".diff-*"))  # the folder of links is gone
+
+
+def test_a_failing_batch_is_diffed_file_by_file_and_only_the_bad_file_fails(tmp_path: Path):
+    (tmp_path / "a").write_text("1\n")
+    (tmp_path / "b").write_text("2\n")
+    good = DiffJob(tmp_path / "a", tmp_path / "b", "pkg/good.py")
+    bad = DiffJob(tmp_path / "missing", tmp_path / "b", "pkg/bad.py")
+    results = unified_diffs([good, bad, good], 1 << 20)
+    assert isinstance(results[1], DiffError) and "pkg/bad.py" in str(results[1])
+    assert results[0] == results[2] == unified_diff(good.old, good.new, good.label, 1 << 20)
+
+
+def test_shadow_store_recreates_its_folders_when_they_are_removed_under_it(tmp_path: Path):
+    shadow = ShadowStore(tmp_path / "shadow")
+    first = shadow.put(b"one\n")
+    shutil.rmtree(shadow.root)  # a user cleaning up, or a restore, while the watcher runs
+    again = shadow.put(b"one\n")
+    other = shadow.put(b"two\n")
+    assert again == first and shadow.has(first) and shadow.has(other)
+    assert shadow.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_prune_removes_the_link_folders_a_killed_batch_left(tmp_path: Path):
+    shadow = ShadowStore(tmp_path / "shadow")
+    kept = shadow.put(b"kept\n")
+    left = shadow.root / ".diff-killed" / "a"
+    left.mkdir(parents=True)
+    os.link(shadow.path(kept), left / "000000")
+    assert shadow.prune({kept}) == 0
+    assert shadow.has(kept) and not (shadow.root / ".diff-killed").exists()
 
 
 def test_created_modified_deleted_lifecycle(detector, store, watched: Path):
