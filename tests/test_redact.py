@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memory.service import EmbedQueue, Memory
-from self_mutation_watcher.redact import Redactor
+from self_mutation_watcher.redact import NEEDLES, Redactor, _replace
 from self_mutation_watcher.watcher import Watcher
 from tests.conftest import wait_for
 
@@ -36,6 +36,24 @@ def test_each_kind_of_secret_is_redacted(text: str, kind: str, kept: str):
 def test_ordinary_code_is_left_alone():
     code = "def password_strength(pw):\n    return len(pw) >= 12  # keys are checked elsewhere\n"
     assert Redactor.build().redact(code) == (code, {})
+
+
+@pytest.mark.parametrize("text", [
+    f"aws_key = '{AWS_KEY}'", f"token: {GITHUB}", PRIVATE_KEY, "postgres://app:s3cr3tpw@db:5432/app",
+    "Authorization: BEARER abcdefghijklmnopqrstuvwx", "x = 'xoxb-1234567890-abcdef'", "k = AIza" + "B" * 35,
+    "OPENAI = 'sk-proj-abcdefghijklmnopqrstuvwxyz'", "t = eyJhbGciOiJIUzI1.eyJzdWIiOiIx.abcdefghijkl",
+    "\u017fecret = 'hunter2hunter2'", "API_\u212aEY=abcdefgh1234", "To\u212aen abcdefghijklmnopqrstuv",
+    "Passwd: 'hunter2hunter2'", "client-Secret = 'abcd1234'", "def key_of(x):\n    return x  # no secret\n",
+])
+def test_skipping_patterns_by_their_needles_never_changes_the_result(text: str):
+    redactor = Redactor.build()
+    expected, counts = text, {}
+    for kind, pattern, group in redactor.patterns:  # every pattern, none skipped
+        expected, n = pattern.subn(lambda m, k=kind, g=group: _replace(m, k, g), expected)
+        if n:
+            counts[kind] = counts.get(kind, 0) + n
+    assert redactor.redact(text) == (expected, counts)
+    assert set(NEEDLES) <= {kind for kind, _, _ in redactor.patterns}
 
 
 def test_extra_patterns_and_switching_off():
