@@ -97,12 +97,17 @@ class PathFilter:
         self.data_dir, self.log_dir = settings.data_dir, settings.logging.dir
         self.db_names = {m.db.name + s for s in ("", "-wal", "-shm", "-journal")}
         self.db_dir = m.db.parent
+        # str forms of the above: the checks run for every event, and Path.parents is slow
+        self._ignored_text = tuple(str(d) for d in self.ignored)
+        self._db_dir_text, self._data_dir_text = str(self.db_dir), str(self.data_dir)
+        self._log_dir_text, self._own_log_dir_text = str(self.log_dir), str(self.log_dir / "system")
         self.gitignored = {r: load_gitignore(r, self.exclude) for r in self.roots
                            if w.gitignore and r not in self.file_roots}
 
     def root_of(self, path: Path) -> Path | None:
         """The watched root that holds `path`."""
-        return next((r for r in self.roots if path == r or r in path.parents), None)
+        text = str(path)
+        return next((r for r in self.roots if _within(text, str(r))), None)
 
     def accepts_dir(self, path: Path, root: Path) -> bool:
         """Whether a scan should descend into this directory."""
@@ -130,16 +135,23 @@ class PathFilter:
 
     def _own_state(self, path: Path) -> bool:
         """Gremlin's own runtime files (db, shadow copies, indexes, its own logs)."""
-        if any(path == d or d in path.parents for d in self.ignored):
+        text = str(path)
+        if any(_within(text, d) for d in self._ignored_text):
             return True
-        if path.parent == self.db_dir and path.name in self.db_names:
+        parent = os.path.dirname(text)
+        if parent == self._db_dir_text and path.name in self.db_names:
             return True
-        if path.parent == self.log_dir / "system" and path.name.startswith(OWN_LOG_PREFIXES):
+        if parent == self._own_log_dir_text and path.name.startswith(OWN_LOG_PREFIXES):
             return True
-        if path == self.data_dir or self.data_dir in path.parents:
-            log_side = path == self.log_dir or self.log_dir in path.parents or path in self.log_dir.parents
+        if _within(text, self._data_dir_text):
+            log_side = _within(text, self._log_dir_text) or path in self.log_dir.parents
             return not log_side
         return False
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (both absolute, as str(Path) writes them)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def require_roots(settings, path_filter: PathFilter | None = None) -> None:
@@ -525,12 +537,11 @@ class Watcher:
     def _check_batch(self, items: list[_Item], moves: dict[str, str]) -> None:
         events: list[NewEvent] = []
         states: list[FileState] = []
-        for path, root, options, _ in items:
+        outcomes = self.detector.check_many([(path, root, options) for path, root, options, _ in items])
+        for (path, *_), outcome in zip(items, outcomes, strict=True):
             self.stats.checked += 1
-            try:
-                outcome = self.detector.check(path, root, **options)
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the watcher
-                self._error(f"checking {display_path(path)} failed: {exc}", exc)
+            if isinstance(outcome, Exception):  # one bad file must not stop the watcher
+                self._error(f"checking {display_path(path)} failed: {outcome}", outcome)
                 continue
             if outcome.retry:
                 self._retry(path)
