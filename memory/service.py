@@ -312,14 +312,19 @@ def _pairs(stored: Sequence[StoredEvent]) -> list[tuple[int, str]]:
 
 DRAIN_S = 10.0  # how long a stopping daemon keeps embedding its backlog
 REINDEX_CHUNK = 2048  # memories encoded per call while rebuilding: long enough to sort by length
+HOLD_S = 10.0  # a memory pooled this long is embedded next, however short its text
+FILL_S = 0.05  # a partial batch waits this long for more of a burst before it is encoded
 
 
 class EmbedQueue:
-    """Embeds committed memories on its own thread, batching whatever has arrived.
+    """Embeds committed memories on its own thread, one encoder batch at a time.
 
     The watcher hands over events it has already committed and goes back to diffing, so
-    diffing the next files overlaps with encoding these. Memories whose encoding keeps
-    failing stay in the database without a vector; `Memory.catch_up` embeds them later.
+    diffing the next files overlaps with encoding these. What has arrived waits in a pool,
+    and each step encodes the `batch_size` memories with the most tokens: memories handed
+    over while a burst is encoded still share forward passes with ones of their own length
+    (every text of a pass is padded to its longest). Memories whose encoding keeps failing
+    stay in the database without a vector; `Memory.catch_up` embeds them later.
     """
 
     RETRIES = 3
@@ -359,20 +364,23 @@ class EmbedQueue:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        pool: list[tuple[tuple[int, str], int, float]] = []  # (memory, tokens, pooled at), longest first
         stopping = False
-        while not stopping:
-            batch, stopping = self._take()
+        while pool or not stopping:
+            stopping = self._absorb(pool, wait=not pool) or stopping
+            if not stopping:
+                stopping = self._fill(pool)
             if self._drain_until is not None and time.monotonic() > self._drain_until:
-                self._leave(batch)
+                self._leave(pool)
                 return
-            if batch:
-                self._embed(batch)
-            if self._queue.empty():
+            if pool:
+                self._embed(self._next_batch(pool))
+            if not pool and self._queue.empty():
                 release_free_memory()  # a burst's activations would otherwise stay resident
 
-    def _leave(self, batch: list[tuple[int, str]]) -> None:
-        """Stop with `batch` and whatever is still queued left for the next start's catch-up."""
-        left = len(batch)
+    def _leave(self, pool: list) -> None:
+        """Stop with `pool` and whatever is still queued left for the next start's catch-up."""
+        left = len(pool)
         while True:
             try:
                 left += self._queue.get_nowait() is not None
@@ -380,15 +388,61 @@ class EmbedQueue:
                 break
         logger.info("embedding stopped; the rest is embedded at the next start", extra={"memories_left": left})
 
-    def _take(self) -> tuple[list[tuple[int, str]], bool]:
-        batch = [self._queue.get()]
-        while len(batch) < self.max_batch:
+    def _absorb(self, pool: list, wait: bool, first: list | None = None) -> bool:
+        """Move `first` (already taken off the queue) and up to `max_batch` queued memories
+        into `pool`, waiting for one when `wait`; True once the stop marker came."""
+        items = first or ([self._queue.get()] if wait else [])
+        while len(items) < self.max_batch:
             try:
-                batch.append(self._queue.get_nowait())
+                items.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        stop = None in batch
-        return [p for p in batch if p is not None], stop
+        pairs = [p for p in items if p is not None]
+        if pairs:
+            now = time.monotonic()
+            pool += [(pair, tokens, now) for pair, tokens in zip(pairs, self._token_counts(pairs), strict=True)]
+            pool.sort(key=lambda item: -item[1])  # longest first, as model.encode orders its input
+        return len(pairs) < len(items)
+
+    def _fill(self, pool: list) -> bool:
+        """Give a partial batch up to FILL_S (from its oldest memory) to fill up while a burst
+        is still being handed over: the first change of a burst is not encoded alone.
+        True once the stop marker came."""
+        size = self.memory.current()[0].batch_size
+        while 0 < len(pool) < size:
+            left = min(item[2] for item in pool) + FILL_S - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                return False
+            if self._absorb(pool, wait=False, first=[item]):
+                return True
+        return False
+
+    def _token_counts(self, pairs: list[tuple[int, str]]) -> list[int]:
+        """Tokens of each memory's view (they order the pool, closer than its characters);
+        its characters if counting fails."""
+        views = [embedding_text(text) for _, text in pairs]
+        try:
+            return self.memory.current()[0].token_counts(views)
+        except Exception:  # noqa: BLE001 - only an order; this thread must not die
+            logger.exception("counting tokens failed; ordering by characters", extra={"memories": len(pairs)})
+            return [len(view) for view in views]
+
+    def _next_batch(self, pool: list) -> list[tuple[int, str]]:
+        """Take one encoder batch out of the pool: its head (the longest), or the oldest
+        memories once one has waited HOLD_S (a stream of long texts starves no short one)."""
+        size = self.memory.current()[0].batch_size
+        starved = min(item[2] for item in pool) < time.monotonic() - HOLD_S
+        if starved:
+            pool.sort(key=lambda item: item[0][0])  # memory ids grow with commit order
+        batch = pool[:size]
+        del pool[:size]
+        if starved:
+            pool.sort(key=lambda item: -item[1])
+        return [pair for pair, _, _ in batch]
 
     def _embed(self, batch: list[tuple[int, str]]) -> None:
         for attempt in range(1, self.RETRIES + 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -92,6 +93,59 @@ def test_embed_queue_embeds_everything_submitted_before_stop(settings, store, em
     queue.stop()
     assert store.vector_count(embedder.model_id) == 4 and memory.index.ntotal == 4
     assert queue.waiting == 0 and queue.errors == 0
+
+
+def _spied_queue(memory, monkeypatch, texts: list[str]):
+    """A started EmbedQueue given `texts` all at once, and the batches it encodes (in order)."""
+    from memory import service
+
+    batches = []
+    real = memory.embed_memories
+    monkeypatch.setattr(memory, "embed_memories", lambda pairs: batches.append([t for _, t in pairs]) or real(pairs))
+    queue = service.EmbedQueue(memory)
+    events = [NewEvent("created", f"/p/f{i}.py", "/p", utc_now(), None, memory_kind="code_diff", memory_text=text)
+              for i, text in enumerate(texts)]
+    queue.submit(memory.store.record_events(events))  # all queued before the thread starts: one pool
+    queue.start()
+    queue.stop()
+    return batches
+
+
+def test_embed_queue_encodes_pooled_memories_longest_first_one_encoder_batch_at_a_time(settings, store, embedder,
+                                                                                        monkeypatch):
+    texts = [f"created f{i}.py\n" + "+x = compute(x)\n" * (1 + (i * 7) % 23) for i in range(40)]
+    batches = _spied_queue(Memory(settings, store, embedder), monkeypatch, texts)
+    assert [len(b) for b in batches] == [16, 16, 8]  # embedder.batch_size each, the rest last
+    tokens = [embedder.token_counts(b) for b in batches]
+    assert all(min(a) >= max(b) for a, b in zip(tokens, tokens[1:]))  # no pass pads a short text to a long one
+    assert store.vector_count(embedder.model_id) == 40
+
+
+def test_embed_queue_takes_memories_that_waited_too_long_first(settings, store, embedder, monkeypatch):
+    from memory import service
+
+    monkeypatch.setattr(service, "HOLD_S", -1.0)  # every pooled memory has waited too long: first come, first served
+    texts = [f"created f{i}.py\n" + "+y = 1\n" * (1 if i < 16 else 20) for i in range(32)]
+    batches = _spied_queue(Memory(settings, store, embedder), monkeypatch, texts)
+    assert batches == [texts[:16], texts[16:]]
+
+
+def test_embed_queue_lets_a_partial_batch_fill_up_from_a_burst(settings, store, embedder, monkeypatch):
+    from memory import service
+
+    monkeypatch.setattr(service, "FILL_S", 3.0)
+    memory = Memory(settings, store, embedder)
+    batches = []
+    real = memory.embed_memories
+    monkeypatch.setattr(memory, "embed_memories", lambda pairs: batches.append(len(pairs)) or real(pairs))
+    queue = service.EmbedQueue(memory)
+    queue.start()
+    stored = store.record_events(_events(DIFFS))
+    queue.submit(stored[:1])
+    time.sleep(0.5)  # the first memory of a burst alone: it waits for the rest
+    queue.submit(stored[1:])
+    queue.stop()
+    assert batches == [len(stored)] and store.vector_count(embedder.model_id) == len(stored)
 
 
 def test_vector_shift_is_stored_and_feeds_the_drift_detector(settings, store, embedder):

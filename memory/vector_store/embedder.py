@@ -158,6 +158,11 @@ class Embedder:
         """The device the model runs on."""
         return str(self.model.device)
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens the model sees of each text (special tokens included, truncated)."""
+        ids = self.model.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
+        return [len(row) for row in ids]
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised float32 vectors of `texts`, shape (len(texts), dim)."""
         if not texts:
