@@ -91,6 +91,12 @@ class MemorySettings:
     ann_nprobe: int = 128
     ann_rerank: int = 2
     lexical_budget: int = 20_000
+    fusion_weight: float | str = "auto"  # "auto" = the current model's calibrated weight; a number forces it
+
+    @property
+    def forced_fusion_weight(self) -> float | None:
+        """The configured fusion weight, or None for "auto" (each model's calibrated one)."""
+        return None if self.fusion_weight == "auto" else float(self.fusion_weight)
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,11 @@ class TrainingSettings:
     min_train_pairs: int = 16
     min_heldout_pairs: int = 8
     max_pairs: int = 20000
+    replay_branches: bool = True
     epochs: int = 1
     max_steps: int = 0
+    min_steps: int = 60
+    hard_negatives: bool = False
     batch_size: int = 32
     mini_batch_size: int = 0
     learning_rate: float = 1e-4
@@ -122,6 +131,11 @@ class TrainingSettings:
     seed: int = 42
     device: str = "auto"
     precision: str = "auto"
+    method: str = "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_learning_rate: float = 2e-3
     min_gain: float = 0.01
     tolerance: float = 0.01
     keep_models: int = 3
@@ -250,6 +264,7 @@ CHOICES = {
     ("logging", "level"): LOG_LEVELS,
     ("training", "device"): ("auto", "cpu", "cuda"),
     ("training", "precision"): ("auto", "fp32", "fp16", "bf16"),
+    ("training", "method"): ("full", "lora"),
 }
 DAY_S, MIB = 86_400, 1 << 20
 # Every number's range (inclusive), checked at load, before anything slow starts: (section, key) -> (min, max).
@@ -271,11 +286,13 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("training", "pair_window_s"): (0, 30 * DAY_S), ("training", "heldout_fraction"): (0.05, 0.5),
     ("training", "min_train_pairs"): (2, 1_000_000), ("training", "min_heldout_pairs"): (2, 1_000_000),
     ("training", "max_pairs"): (4, 10_000_000), ("training", "epochs"): (1, 1000),
-    ("training", "max_steps"): (0, 10_000_000), ("training", "batch_size"): (2, 65_536),
+    ("training", "max_steps"): (0, 10_000_000), ("training", "min_steps"): (0, 10_000_000), ("training", "batch_size"): (2, 65_536),
     ("training", "mini_batch_size"): (0, 65_536), ("training", "learning_rate"): (1e-9, 1),
     ("training", "warmup_ratio"): (0, 1), ("training", "max_seq_length"): (8, 8192),
     ("training", "seed"): (0, 2**32 - 1), ("training", "min_gain"): (-1, 1), ("training", "tolerance"): (0, 1),
     ("training", "keep_models"): (1, 1000),
+    ("training", "lora_r"): (1, 1024), ("training", "lora_alpha"): (1, 65_536), ("training", "lora_dropout"): (0, 0.9),
+    ("training", "lora_learning_rate"): (1e-9, 1),
     ("tasks", "workers"): (1, 64), ("tasks", "lease_s"): (5, DAY_S), ("tasks", "max_attempts"): (1, 100),
     ("tasks", "retry_backoff_s"): (0, DAY_S), ("tasks", "inbox_poll_s"): (0.05, 3600),
     ("tasks", "timeout_s"): (1, 7 * DAY_S), ("tasks", "keep_memory_chars"): (100, 1_000_000),
@@ -523,6 +540,9 @@ def _parse_section(name: str, values: dict, home: Path, config_file: Path):
             raise ConfigError(f"{config_file}: unknown key '{key}' in [{name}]; "
                               f"valid keys are {', '.join(hints)}")
         where = f"{config_file}: [{name}] {key}"
+        if (name, key) == ("memory", "fusion_weight"):
+            kwargs[key] = _fusion_weight(value, where)
+            continue
         kwargs[key] = _convert(value, hints[key], home, where)
         _check_rules(name, key, kwargs[key], where)
     return _resolve_paths(cls(**kwargs), home)
@@ -555,6 +575,16 @@ def _convert(value, hint, home: Path, where: str):
         raise ConfigError(f"{where} must be {_type_name(hint)} (got {value!r}); "
                           "fix the value or delete the line to use the default")
     return Path(value) if hint is Path else value
+
+
+def _fusion_weight(value, where: str) -> float | str:
+    """[memory] fusion_weight: "auto", or a number from 0 (lexical only) to 1 (dense only)."""
+    if value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1:
+        return float(value)
+    raise ConfigError(f'{where} must be "auto" or a number from 0 to 1 (got {value!r}); "auto" uses the '
+                      "weight the trainer calibrated for the current model")
 
 
 def _type_name(hint) -> str:

@@ -49,6 +49,13 @@ def test_relative_paths_resolve_against_the_home(tmp_path: Path):
     ("[watch]\ndebounce_ms = 9999999999999\n", "[watch] debounce_ms must be a number from 0 to 60000"),
     ("[training]\nlearning_rate = -inf\n", "[training] learning_rate must be a number from 1e-09 to 1"),
     ("watch = 3\n", "[watch] must be a table"),
+    ('[training]\nmethod = "x"\n', "[training] method must be one of full, lora"),
+    ("[training]\nlora_r = 0\n", "[training] lora_r must be a number from 1"),
+    ("[training]\nlora_r = 2.5\n", "[training] lora_r must be an integer"),
+    ("[training]\nlora_dropout = 1.5\n", "[training] lora_dropout must be a number from 0"),
+    ("[training]\nlora_learning_rate = 0\n", "[training] lora_learning_rate must be a number from"),
+    ("[training]\nmin_steps = -1\n", "[training] min_steps must be a number from 0"),
+    ("[training]\nreplay_branches = 2\n", "[training] replay_branches must be true or false"),
 ])
 def test_invalid_config_names_the_problem(tmp_path: Path, text: str, expected: str):
     init_home(tmp_path)
