@@ -52,7 +52,8 @@ TYPE_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "rollback": {"target": ("str", True), "snapshot": ("str", False), "model": ("str", False)},
     "reindex": {},
     "mutate": {"patch": ("str", True), "verify": ("argv", False), "failure_id": ("int", False)},
-    "replay": {"repo": ("str", True), "since": ("str", False), "merges": ("bool", False)},
+    "replay": {"repo": ("str", True), "since": ("str", False), "merges": ("bool", False),
+               "branches": ("bool", False)},
 }
 KIND_TEXT = {"str": "a string", "int": "an integer", "number": "a number", "bool": "true or false",
              "argv": 'a non-empty list of strings (e.g. ["pytest", "-q"])'}

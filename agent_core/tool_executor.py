@@ -143,7 +143,7 @@ class ToolExecutor:
         payload = task.row["payload"]
         repo = confine_cwd(payload["repo"], self.settings)
         done = replay_repository(self.store, self.settings, repo, payload.get("since"),
-                                 merges=payload.get("merges", True))
+                                 merges=payload.get("merges", True), branches=payload.get("branches"))
         return "done", dataclasses.asdict(done), None
 
     # -- scoring and memory ------------------------------------------------------------

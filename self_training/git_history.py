@@ -1,4 +1,5 @@
-"""Read a git repository's history: one `Commit` per change on the first-parent line.
+"""Read a git repository's history: one `Commit` per change on the first-parent line, and
+optionally the commits that merges brought to it (`with_branches`).
 
 git produces every diff (`git diff-tree -p`); this module runs git with argument lists and
 timeouts, parses what it prints, and never uses difflib. `clean_message` strips what a
@@ -8,6 +9,7 @@ trailers, leaving the summary and the body.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import subprocess
@@ -53,9 +55,11 @@ class LogEntry:
 
     sha: str
     parents: tuple[str, ...]
-    time: str  # committer time, ISO-8601 UTC
+    time: str  # committer time, ISO-8601 UTC; a branch commit's: when its merge reached the main line
     author: str
     message: str
+    landed_by: str | None = None  # a branch commit: the merge on the main line that brought it
+    committed: str | None = None  # a branch commit: its own committer time
 
     @property
     def is_merge(self) -> bool:
@@ -75,6 +79,8 @@ class Commit:
     paths: tuple[str, ...]
     truncated: bool = False  # the diff was cut to max_diff_bytes
     merge: bool = False
+    landed_by: str | None = None  # a branch commit: the merge that brought it to the main line
+    committed: str | None = None  # a branch commit: its own committer time
 
 
 def git(repo: Path, *args: str, timeout: float = GIT_TIMEOUT_S, stdin: bytes | None = None) -> bytes:
@@ -223,6 +229,35 @@ def read_log(repo: Path, shas: Sequence[str]) -> GitLog:
     return GitLog(entries, skipped)
 
 
+def with_branches(repo: Path, history: GitLog, merges: bool = True) -> GitLog:
+    """`history` (a main line read with its merges) with, before each merge, the commits it
+    brought: those reachable from the merge but not from its first parent, merges left out,
+    oldest first, each dated when the merge reached the main line (so a chronological split
+    never trains on a branch commit that landed after the held-out ones). A merge that
+    brought one commit is left out (that commit is the same change, in its author's words);
+    the others stay as summaries unless `merges` is false."""
+    entries: list[LogEntry] = []
+    skipped = list(history.skipped)
+    for entry in history.entries:
+        if not entry.is_merge:
+            entries.append(entry)
+            continue
+        branch = read_log(repo, branch_shas(repo, entry))
+        skipped += branch.skipped
+        entries += [dataclasses.replace(b, time=entry.time, landed_by=entry.sha, committed=b.time)
+                    for b in branch.entries]
+        if merges and len(branch.entries) + len(branch.skipped) != 1:
+            entries.append(entry)
+    return GitLog(entries, skipped)
+
+
+def branch_shas(repo: Path, merge: LogEntry) -> list[str]:
+    """The non-merge commits `merge` brought to its first parent's line, oldest first."""
+    out = git(repo, "rev-list", "--reverse", "--topo-order", "--no-merges", f"{merge.parents[0]}..{merge.sha}",
+              "--", timeout=LOG_TIMEOUT_S)
+    return out.decode("ascii", "replace").split()
+
+
 def shallow_boundaries(repo: Path) -> frozenset[str]:
     """The commits a shallow clone was cut at (their parents are not in the clone)."""
     path = Path(git(repo, "rev-parse", "--git-path", "shallow").decode("utf-8", "surrogateescape").strip())
@@ -351,7 +386,8 @@ def iter_commits(repo: Path, since: str | None = None, until_sha: str | None = N
 def load_commit(repo: Path, entry: LogEntry, max_diff_bytes: int = DEFAULT_MAX_DIFF_BYTES) -> Commit:
     """The Commit of one log entry (runs git for its diff)."""
     diff, paths, truncated = commit_diff(repo, entry, max_diff_bytes)
-    return Commit(entry.sha, entry.time, entry.author, entry.message, diff, paths, truncated, entry.is_merge)
+    return Commit(entry.sha, entry.time, entry.author, entry.message, diff, paths, truncated, entry.is_merge,
+                  entry.landed_by, entry.committed)
 
 
 # -- commit messages -----------------------------------------------------------------------

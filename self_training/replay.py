@@ -6,6 +6,11 @@ redacted diff, cut to `[watch] max_diff_bytes`, its sha in the event's meta) and
 per repository: replaying again stores nothing new. Nothing here loads the model; the
 daemon embeds memories without vectors when it catches up.
 
+With `branches` (`[training] replay_branches`, `gremlin replay --branches`), the commits a
+merge brought to the main line are stored too, each dated when its merge landed
+(`git_history.with_branches`): a history of merged pull requests gives several times the
+pairs.
+
 `GitSync` follows watched roots that are the top of a git work tree: the
 first sync only remembers HEAD (backfilling is `gremlin replay`'s job); later syncs store
 the commits that arrived since.
@@ -24,7 +29,7 @@ from memory.store import NewEvent, Store
 from self_mutation_watcher.redact import Redactor
 from self_training.git_history import (Commit, GitHistoryError, GitLog, clean_message, commit_time, head_sha,
                                        is_ancestor, is_git_repo, load_commit, range_shas, read_log,
-                                       repository_root, summary_line)
+                                       repository_root, summary_line, with_branches)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ def commit_event(commit: Commit, repo: Path, redactor: Redactor, memory_chars: i
     paths = list(commit.paths[:MAX_PATHS])
     meta = {"commit": commit.sha, "author": commit.author, "message": message, "paths": paths,
             "paths_total": len(commit.paths), "truncated": commit.truncated, "merge": commit.merge}
+    if commit.landed_by:
+        meta.update(landed_by=commit.landed_by, committed=commit.committed)
     redacted = _merge_counts(found_diff, found_message)
     if redacted:
         meta["redacted"] = redacted
@@ -77,13 +84,23 @@ def _merge_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 
 def replay_repository(store: Store, settings: Settings, repo: Path, since: str | None = None,
-                      progress: Progress | None = None, merges: bool = True) -> ReplayResult:
-    """Store every commit of `repo`'s first-parent history (from `since`) not stored yet."""
+                      progress: Progress | None = None, merges: bool = True,
+                      branches: bool | None = None) -> ReplayResult:
+    """Store every commit of `repo`'s first-parent history (from `since`) not stored yet, and
+    with `branches` (default: `[training] replay_branches`) what its merges brought."""
     root = repository_root(repo)
-    history = read_log(root, range_shas(root, since, merges=merges))
+    history = read_history(root, range_shas, dict(since=since), merges,
+                           settings.training.replay_branches if branches is None else branches)
     logger.info("replaying git history", extra={"repo": str(root), "commits": len(history.entries),
                                                 "unreadable": len(history.skipped), "since": since})
     return store_entries(store, settings, root, history, progress)
+
+
+def read_history(root: Path, shas_of: Callable[..., list[str]], where: dict, merges: bool,
+                 branches: bool) -> GitLog:
+    """The commits `shas_of(root, **where, merges=...)` names, with their branches' when asked."""
+    history = read_log(root, shas_of(root, **where, merges=merges or branches))
+    return with_branches(root, history, merges) if branches else history
 
 
 def store_entries(store: Store, settings: Settings, root: Path, history: GitLog,
@@ -172,10 +189,11 @@ def sync_repository(store: Store, settings: Settings, repo: Path, merges: bool =
     result = ReplayResult(str(repo), 0, 0, 0)
     if cursor is not None:
         if is_ancestor(repo, cursor["sha"], head):
-            shas = range_shas(repo, after_sha=cursor["sha"], until_sha=head, merges=merges)
+            where = dict(after_sha=cursor["sha"], until_sha=head)
         else:  # history rewritten or another branch checked out: what is newer than the cursor
-            shas = range_shas(repo, since=cursor["time"], until_sha=head, merges=merges)
-        result = store_entries(store, settings, repo, read_log(repo, shas))
+            where = dict(since=cursor["time"], until_sha=head)
+        history = read_history(repo, range_shas, where, merges, settings.training.replay_branches)
+        result = store_entries(store, settings, repo, history)
         if result.commits_stored:
             logger.info("stored new commits", extra={"repo": str(repo), "commits": result.commits_stored})
     store.set_marker(key, json.dumps({"sha": head, "time": commit_time(repo, head)}))

@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from agent_core.cli import main
 from config.settings import load_settings
 from memory.store import MIGRATIONS, NewEvent, Store, _split_sql
-from conftest import GREMLIN, REPO, make_home
+from conftest import GREMLIN, REPO, make_home, write_config
 from self_training.git_history import (BadDateError, NotAGitRepository, clean_message, head_sha, is_git_repo,
-                                       iter_commits, log_entries, repository_root, truncate_diff)
+                                       iter_commits, log_entries, range_shas, read_log, repository_root,
+                                       truncate_diff, with_branches)
 from self_training.replay import SYNC_MARKER, GitSync, replay_repository
 
 # No user or system git config: identity and dates come from here.
@@ -155,6 +156,72 @@ def test_clean_message_strips_numbers_boilerplate_and_trailers(message: str, cle
     assert clean_message(message) == cleaned
 
 
+def _merged_branches(repo: Repo) -> None:
+    """Two pull requests merged with --no-ff: one of two commits, one of one commit, plus a
+    main-line commit made while they were open."""
+    repo.git("checkout", "-q", "-b", "strip")
+    repo.commit("Teach parse to strip whitespace", {"parser.py": "def parse(text):\n    return text.strip()\n"})
+    repo.commit("Test that parse strips tabs", {"test_parser.py": "assert parse('\\tx') == 'x'\n"})
+    repo.git("checkout", "-q", "main")
+    repo.commit("Document the parser", {"README.md": "parse(text)\n"})
+    repo.git("merge", "-q", "--no-ff", "-m", "Merge pull request #7 from ada/strip\n\nStrip whitespace in parse",
+             "strip", date="2024-03-20T12:00:00Z")
+    repo.git("checkout", "-q", "-b", "lower")
+    repo.commit("Lower-case the parsed text", {"parser.py": "def parse(text):\n    return text.strip().lower()\n"})
+    repo.git("checkout", "-q", "main")
+    repo.git("merge", "-q", "--no-ff", "-m", "Merge pull request #8 from ada/lower", "lower",
+             date="2024-03-21T12:00:00Z")
+
+
+def test_with_branches_adds_merged_commits_dated_when_they_landed(repo: Repo):
+    _merged_branches(repo)
+    main_line = read_log(repo.path, range_shas(repo.path, merges=True))
+    history = with_branches(repo.path, main_line)
+    summary = [(e.message.splitlines()[0], e.time[:10], bool(e.landed_by)) for e in history.entries]
+    assert summary[3:] == [
+        ("Document the parser", "2024-03-06", False),
+        ("Teach parse to strip whitespace", "2024-03-20", True),  # made on the 4th, landed on the 20th
+        ("Test that parse strips tabs", "2024-03-20", True),
+        ("Merge pull request #7 from ada/strip", "2024-03-20", False),  # two commits: the merge stays as a summary
+        ("Lower-case the parsed text", "2024-03-21", True)]  # one commit: its merge says the same, left out
+    branch = history.entries[4]
+    assert branch.landed_by == main_line.entries[-2].sha and branch.committed.startswith("2024-03-04")
+    times = [e.time for e in history.entries]
+    assert times == sorted(times)  # a chronological split stays honest
+    no_merges = with_branches(repo.path, main_line, merges=False)
+    assert not any(e.is_merge for e in no_merges.entries) and len(no_merges.entries) == 7
+
+
+def test_replay_with_branches_stores_branch_commits_once_and_marks_them(store: Store, settings, repo: Repo):
+    _merged_branches(repo)
+    first_parent = replay_repository(store, settings, repo.path, branches=False)
+    assert first_parent.commits_stored == 6  # 4 main-line commits and 2 merges
+    more = replay_repository(store, settings, repo.path, branches=True)
+    assert more.commits_stored == 3 and replay_repository(store, settings, repo.path, branches=True).commits_stored == 0
+    events = {e["meta"]["message"].splitlines()[0]: e for e in store.events_for_path(str(repo.path.resolve()))}
+    landed = events["Test that parse strips tabs"]
+    assert landed["time"].startswith("2024-03-20") and landed["meta"]["committed"].startswith("2024-03-05")
+    assert landed["meta"]["landed_by"] == events["Merge pull request #7 from ada/strip"]["meta"]["commit"]
+
+
+def test_sync_follows_branches_by_default(tmp_path: Path, watched: Path):
+    home = make_home(tmp_path / "home", watched)
+    write_config(home, watch={"roots": [str(watched)], "own_source": False})  # replay_branches: on by default
+    settings = load_settings(home)
+    repo = Repo(watched)
+    repo.commit("Start the project with a readme", {"README.md": "hello\n"})
+    store = Store(settings.memory.db)
+    try:
+        sync = GitSync(store, settings)
+        assert sync.run() == 0
+        _merged_branches(repo)
+        assert sync.run() == 5  # 1 main-line commit, 3 branch commits, 1 merge summary (#8 brought one commit)
+        messages = [e["meta"]["message"].splitlines()[0] for e in store.events_for_path(str(watched))]
+        assert "Lower-case the parsed text" in messages and "Merge pull request #8 from ada/lower" not in messages
+    finally:
+        store.close()
+
+
 def test_replay_stores_each_commit_once(store: Store, settings, repo: Repo):
     repo.commit("Read the token from config", {"auth.py": "password = 'hunter2hunter2'\n"})
     seen = []
@@ -213,6 +280,7 @@ def test_cli_replay(home: Path, repo: Repo, tmp_path: Path):
     bad_date = runner.invoke(main, ["--home", str(home), "replay", str(repo.path), "--since", "soon"])
     assert bad_date.exit_code == 1 and "--since 'soon' is not a date" in bad_date.output
     assert "first-parent history" in runner.invoke(main, ["replay", "--help"]).output
+    assert "--branches / --first-parent" in runner.invoke(main, ["replay", "--help"]).output
 
 
 def test_malformed_dates_and_separator_bytes_do_not_stop_a_replay(store: Store, settings, repo: Repo):
