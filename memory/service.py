@@ -22,7 +22,7 @@ import numpy as np
 
 from memory.drift import DriftDetector
 from memory.errors import MemoryLayerError
-from memory.fusion import RRF_K, reciprocal_rank_fusion
+from memory.fusion import EQUAL_WEIGHT, RRF_K, hybrid_fusion, hybrid_weights
 from memory.store import StoredEvent, Store
 from memory.text import embedding_text
 from memory.vector_store.embedder import Embedder
@@ -105,6 +105,15 @@ class Memory:
         if not store.readonly:
             store.register_model(embedder.model_id, str(embedder.path), "current",
                                  {"source": "base", "base_model": embedder.model_id})
+        self.fusion_weight = self._fusion_weight_of(embedder.model_id)
+
+    def _fusion_weight_of(self, model_id: str) -> float:
+        """Hybrid search's dense share for a model: the configured one, else its calibrated one, else 0.5."""
+        forced = self.settings.memory.forced_fusion_weight
+        if forced is not None:
+            return forced
+        stored = self.store.model_fusion_weight(model_id)
+        return EQUAL_WEIGHT if stored is None else stored
 
     @property
     def model_id(self) -> str:
@@ -158,14 +167,16 @@ class Memory:
 
     def swap(self, embedder: Embedder, index: VectorIndex) -> None:
         """Serve from `embedder` and `index` from now on; memories added meanwhile are embedded."""
+        weight = self._fusion_weight_of(embedder.model_id)  # looked up once per model, not per query
         with self._embed_lock:
             old_index = self.index
             with self._swap_lock:
-                self.embedder, self.index = embedder, index
+                self.embedder, self.index, self.fusion_weight = embedder, index, weight
             if old_index.dirty and not self.store.readonly:
                 old_index.save()  # kept on disk for an instant rollback
             self.catch_up()
-        logger.info("search switched model", extra={"model_id": embedder.model_id, "index_size": index.ntotal})
+        logger.info("search switched model", extra={"model_id": embedder.model_id, "index_size": index.ntotal,
+                                                    "fusion_weight": weight})
 
     def catch_up(self, batch: int = 256, progress: Callable[[int], None] | None = None,
                  after_id: int = 0) -> int:
@@ -188,8 +199,10 @@ class Memory:
         `mode` picks the ranking and what `SearchHit.score` means: "dense" = cosine
         similarity of MiniLM vectors (meaning); "lexical" = BM25 of the SQLite full-text
         index, higher is better (exact words and identifiers); "hybrid" (default) = both
-        fused by reciprocal rank, the score scaled so 1.0 is first in both and 0.5 first in
-        one. Memories not embedded yet are still found by "lexical" and "hybrid".
+        fused by reciprocal rank, weighted by the model's fusion weight (the dense ranking's
+        share, calibrated by the trainer or set by [memory] fusion_weight), the score scaled so
+        1.0 is first in both and a ranking's share (0.5 at equal weights) first in it only.
+        Memories not embedded yet are still found by "lexical" and "hybrid".
         """
         check_query(query, mode)
         if mode == "dense":
@@ -216,13 +229,12 @@ class Memory:
         # Fuse deeper lists than asked for: a memory ranked 30th by one and 2nd by the other
         # belongs near the top.
         depth = max(HYBRID_DEPTH, HYBRID_DEPTH_FACTOR * k)
-        # Lexical first: on a tie (say first in one list each) the memory that holds the
-        # query's words wins, e.g. the exact match of a rare identifier over a look-alike.
-        budget = self.settings.memory.lexical_budget
-        rankings = [[i for i, _ in self.store.lexical_search(query, depth, kind, budget)],
-                    [i for i, _ in self._dense(query, depth, kind, exact_scores=False)]]  # ranks only
-        best = len(rankings) / (RRF_K + 1)  # the fused score of an item first everywhere
-        return [(int(i), score / best) for i, score in reciprocal_rank_fusion(rankings, RRF_K, k)]
+        # The model's fusion weight is read once (a swap may change it meanwhile).
+        budget, weight = self.settings.memory.lexical_budget, self.fusion_weight
+        lexical = [i for i, _ in self.store.lexical_search(query, depth, kind, budget)]
+        dense = [i for i, _ in self._dense(query, depth, kind, exact_scores=False)]  # ranks only
+        best = sum(hybrid_weights(weight)) / (RRF_K + 1)  # the fused score of an item first in both
+        return [(int(i), score / best) for i, score in hybrid_fusion(lexical, dense, weight, RRF_K, k)]
 
     def maintain_index(self) -> bool:
         """Start rebuilding the index in the background when it outgrew its kind (exact → IVF,

@@ -199,6 +199,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX memories_kind_created ON memories(kind, created);
     CREATE INDEX vectors_memory ON vectors(memory_id, model_id);
     """,
+    # 7: each model's hybrid-search fusion weight (the dense ranking's share), chosen by the
+    # trainer on held-out data; NULL = not calibrated (equal weights, 0.5).
+    """
+    ALTER TABLE models ADD COLUMN fusion_weight REAL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # File names are bytes, and Python hands an undecodable one over with surrogate escapes,
@@ -681,13 +686,19 @@ class Store:
 
     # -- models ----------------------------------------------------------------------
 
-    def register_model(self, model_id: str, path: str, status: str,
-                       lineage: dict | None = None, now: datetime | None = None) -> None:
-        """Record a model once (a later call with the same id changes nothing)."""
+    def register_model(self, model_id: str, path: str, status: str, lineage: dict | None = None,
+                       now: datetime | None = None, fusion_weight: float | None = None) -> None:
+        """Record a model once (a later call with the same id changes nothing); `fusion_weight`
+        is its calibrated hybrid-search weight (None: not calibrated)."""
         with self.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO models (id, path, created, status, lineage)"
-                         " VALUES (?, ?, ?, ?, ?)",
-                         (model_id, path, utc_now(now), status, json.dumps(lineage or {})))
+            conn.execute("INSERT OR IGNORE INTO models (id, path, created, status, lineage, fusion_weight)"
+                         " VALUES (?, ?, ?, ?, ?, ?)",
+                         (model_id, path, utc_now(now), status, json.dumps(lineage or {}), fusion_weight))
+
+    def model_fusion_weight(self, model_id: str) -> float | None:
+        """A model's calibrated fusion weight, or None (no row, or never calibrated)."""
+        rows = self._query("SELECT fusion_weight FROM models WHERE id = ?", (model_id,))
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     # -- training runs -----------------------------------------------------------------
 
@@ -1158,6 +1169,7 @@ LEXICAL_BUDGET = 20_000  # postings one full-text search may read: its cost stop
 MAX_COSTED_WORDS = 16  # a longer query (a pasted traceback) is costed, and searched, by its first words
 MAX_WORD_TOKENS = 4  # tokens of one word costed (`a_b_c_d_e` is a phrase of five)
 _TOKEN = re.compile(r"[^\W_]+")  # what FTS5's unicode61 tokenizer keeps together
+FTS_TOKENIZER = "porter unicode61"  # memories_fts's tokenizer (migration 2): rank_lexically uses the same
 
 
 _ID_HASH_MUL, _ID_HASH_MOD = 2654435761, 4294967291
@@ -1183,6 +1195,32 @@ def fts_match_expression(words: Sequence[str]) -> str:
     words, so no user text can be a syntax error; `\\w+` words never hold a double quote.
     """
     return " OR ".join(f'"{w}"' for w in words)
+
+
+def rank_lexically(corpus: Sequence[str], queries: Sequence[str], depth: int) -> list[list[int]]:
+    """For each query, indices of `corpus` best first, ranked as `Store.lexical_search` ranks
+    memories: the same FTS5 tokenizer (migration 2's `memories_fts`), words and MATCH
+    expression, by BM25, in a throwaway in-memory table. No budget: a held-out corpus is small,
+    and within the budget search is plain BM25 too."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute(f"CREATE VIRTUAL TABLE corpus_fts USING fts5(text, tokenize='{FTS_TOKENIZER}')")
+        conn.executemany("INSERT INTO corpus_fts (rowid, text) VALUES (?, ?)",
+                         ((i + 1, text.encode("utf-8", "replace").decode("utf-8"))  # no lone surrogates
+                          for i, text in enumerate(corpus)))
+        return [_ranked_rows(conn, query, depth) for query in queries]
+    finally:
+        conn.close()
+
+
+def _ranked_rows(conn: sqlite3.Connection, query: str, depth: int) -> list[int]:
+    """0-based rows of `corpus_fts` matching `query`, best BM25 first."""
+    words = query_words(query)
+    if not words or depth <= 0:
+        return []
+    rows = conn.execute("SELECT rowid FROM corpus_fts WHERE corpus_fts MATCH ? ORDER BY bm25(corpus_fts) LIMIT ?",
+                        (fts_match_expression(words), depth)).fetchall()
+    return [int(r[0]) - 1 for r in rows]
 
 
 def _b(value: str | None) -> str | bytes | None:

@@ -4,17 +4,32 @@ Each held-out pair is a query (its `input`) whose one relevant document is its `
 the corpus is every distinct output of the held-out set. A model is scored by how high it
 ranks the right document: MRR@10 and Recall@1/@10. The gate compares the candidate with
 the current model on the same pairs; both sides are pure functions of their inputs.
+
+Hybrid search's fusion weight (memory/fusion.py) is calibrated per model on the same
+held-out pairs, split by time: the older half chooses the weight (grid search on hybrid
+MRR@10), the newer half reports dense, lexical and hybrid MRR@10 with it, so the reported
+number is not the one the weight was fitted to. Ranked as search ranks: dense over the
+model's view of the texts, lexical by SQLite FTS5 BM25 over the full texts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
+from memory.fusion import EQUAL_WEIGHT, RRF_K, hybrid_fusion
+from memory.service import HYBRID_DEPTH, HYBRID_DEPTH_FACTOR
+from memory.store import rank_lexically
+from memory.text import embedding_text
+
 METRICS = ("mrr@10", "recall@1", "recall@10")
 DEPTH = 10
+FUSION_DEPTH = max(HYBRID_DEPTH, HYBRID_DEPTH_FACTOR * DEPTH)  # as deep as hybrid search fuses for 10 results
+WEIGHT_GRID = tuple(i / 20 for i in range(21))  # 0.0, 0.05, ..., 1.0
+T = TypeVar("T")
 
 
 def ranking_metrics(rankings: Sequence[Sequence[int]], relevant: Sequence[int]) -> dict[str, float]:
@@ -59,6 +74,64 @@ def evaluate_encoder(encode: Callable[[list[str]], np.ndarray],
         return dict.fromkeys(METRICS, 0.0)
     rankings = dense_rankings(encode(queries), encode(corpus), DEPTH)
     return ranking_metrics(rankings, relevant)
+
+
+class TaskRankings(NamedTuple):
+    """One retrieval task ranked both ways: corpus indices per query, and each query's answer."""
+
+    dense: list[list[int]]
+    lexical: list[list[int]]
+    relevant: list[int]
+
+
+def split_validation(pairs: Sequence[T]) -> tuple[list[T], list[T]]:
+    """(validation, test): the older half of time-ordered held-out pairs, and the newer half."""
+    half = len(pairs) // 2
+    return list(pairs[:half]), list(pairs[half:])
+
+
+def fused_rankings(task: TaskRankings, fusion_weight: float) -> list[list[int]]:
+    """Hybrid search's ranking of each query (weighted RRF of lexical and dense), DEPTH deep."""
+    return [[int(i) for i, _ in hybrid_fusion(lex, dense, fusion_weight, RRF_K, DEPTH)]
+            for lex, dense in zip(task.lexical, task.dense, strict=True)]
+
+
+def hybrid_mrr(task: TaskRankings, fusion_weight: float) -> float:
+    """MRR@10 of hybrid search with `fusion_weight` on one task."""
+    return ranking_metrics(fused_rankings(task, fusion_weight), task.relevant)["mrr@10"]
+
+
+def choose_fusion_weight(task: TaskRankings, grid: Sequence[float] = WEIGHT_GRID) -> float:
+    """The grid weight with the best hybrid MRR@10 (4 decimals); ties go to the one nearest 0.5."""
+    by_preference = sorted(grid, key=lambda w: abs(w - EQUAL_WEIGHT))  # stable: equal distance keeps grid order
+    return max(by_preference, key=lambda w: hybrid_mrr(task, w))  # max keeps the first of equal scores
+
+
+def task_rankings(encode: Callable[[list[str]], np.ndarray], pairs: Sequence[tuple[str, str]],
+                  depth: int = FUSION_DEPTH) -> TaskRankings:
+    """Rank raw (input, output) pairs as search does: dense over the model's view of the texts
+    (memory/text.py), lexical (FTS5 BM25) over the full texts."""
+    queries, corpus, relevant = heldout_task(pairs)
+    if not queries:
+        return TaskRankings([], [], [])
+    view = encode([embedding_text(t) for t in queries]), encode([embedding_text(t) for t in corpus])
+    return TaskRankings(dense_rankings(*view, depth), rank_lexically(corpus, queries, depth), relevant)
+
+
+def fusion_report(validation: TaskRankings, test: TaskRankings) -> dict:
+    """The weight chosen on `validation` and test MRR@10 of dense, lexical and hybrid search
+    (with that weight, and with equal weights): the lineage's `fusion` block."""
+    weight = choose_fusion_weight(validation)
+    return {"weight": weight, "validation": len(validation.relevant), "test": len(test.relevant),
+            "mrr@10": {"dense": ranking_metrics(test.dense, test.relevant)["mrr@10"],
+                       "lexical": ranking_metrics(test.lexical, test.relevant)["mrr@10"],
+                       "hybrid": hybrid_mrr(test, weight), "hybrid_equal": hybrid_mrr(test, EQUAL_WEIGHT)}}
+
+
+def calibrate_fusion(encode: Callable[[list[str]], np.ndarray], pairs: Sequence[tuple[str, str]]) -> dict:
+    """`fusion_report` of one model on raw time-ordered held-out (input, output) pairs."""
+    validation, test = split_validation(pairs)
+    return fusion_report(task_rankings(encode, validation), task_rankings(encode, test))
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ def test_an_exact_identifier_wins_a_tie_with_an_unrelated_dense_hit(memory):
     for n in range(55):  # flags MiniLM finds closer to the identifier than the exact match
         _add(memory, "code_diff", f"modified flags{n}.py\n+FEATURE_FLAG_{n}_ENABLED = True", f"flags{n}.py")
     target = _add(memory, "code_diff", "modified notes.md\n+Grandmother's apple pie: bake for forty minutes "
-                  f"until golden. FLAG_ZQKV_ENABLED", "notes.md")
+                  "until golden. FLAG_ZQKV_ENABLED", "notes.md")
     dense = [h.id for h in memory.search(IDENTIFIER, k=50, mode="dense")]
     lexical = [h.id for h in memory.search(IDENTIFIER, k=50, mode="lexical")]
     assert target not in dense and lexical == [target]  # first in one ranking each: a tie

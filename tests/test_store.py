@@ -101,7 +101,7 @@ def test_a_corrupt_database_gives_a_clear_error(tmp_path: Path):
 def test_another_programs_database_is_named_as_such(tmp_path: Path):
     conn = sqlite3.connect(tmp_path / "other.db")
     conn.execute("CREATE TABLE customers (name)")
-    conn.execute("PRAGMA user_version = 7")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(StoreError, match="lacks Gremlin's tables"):
         Store(tmp_path / "other.db", readonly=True)
