@@ -247,22 +247,29 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
                       "`gremlin train --now --wait` trains one")
         return
     table = Table()
-    for column in ("id", "status", "created", "source", "pairs", "MRR@10 before → after"):
+    for column in ("id", "status", "created", "source", "pairs", "MRR@10 before → after", "fusion weight"):
         table.add_column(column, overflow="fold")
     for m in rows:
         lin = m["lineage"]
         before, after = lin.get("metrics_before", {}), lin.get("metrics_after", {})
         mrr = f"{before['mrr@10']:.3f} → {after['mrr@10']:.3f}" if before and after else ""
         table.add_row(m["id"], m["status"], m["created"][:19], lin.get("source", ""),
-                      str(lin.get("n_pairs", "")), mrr)
+                      str(lin.get("n_pairs", "")), mrr, _fusion_weight_cell(m.get("fusion_weight")))
     console.print(table)
+
+
+def _fusion_weight_cell(weight: float | None) -> str:
+    """A model's hybrid-search weight (the dense share) for a table; uncalibrated models fuse equally."""
+    return "0.50 (equal)" if weight is None else f"{weight:.2f}"
 
 
 @models.command("show")
 @click.argument("model_id")
 @click.pass_context
 def models_show(ctx: click.Context, model_id: str) -> None:
-    """Everything recorded about MODEL_ID (an id or a unique prefix): path, status, lineage."""
+    """Everything recorded about MODEL_ID (an id or a unique prefix): path, status, lineage, and
+    `fusion_weight`, its hybrid-search weight (the dense share; null = never calibrated, 0.5),
+    chosen as recorded in the lineage's `fusion` block (MRR@10 of dense, lexical and hybrid)."""
     from agent_core import training
 
     model = training.show_model(_settings(ctx), model_id)
@@ -992,8 +999,12 @@ def _print_retention(summary: dict, via_daemon: bool) -> None:
               help="Store the main line's merge commits, each as one change against its first parent (a "
                    "merged pull request as a whole). Projects that merge pull requests keep most of their "
                    "history in merges; --no-merges keeps only commits made on the main line itself.")
+@click.option("--branches/--first-parent", default=None,
+              help="Also store the commits each merge brought (dated when the merge landed; a merge that "
+                   "brought one commit is then left out as the same change). Default: [training] "
+                   "replay_branches (on).")
 @click.pass_context
-def replay(ctx: click.Context, path: Path, since: str | None, merges: bool) -> None:
+def replay(ctx: click.Context, path: Path, since: str | None, merges: bool, branches: bool | None) -> None:
     """Backfill memory and training pairs from the git history of the repository at PATH.
 
     Walks the first-parent history oldest first and stores each commit once: its diff
@@ -1010,7 +1021,7 @@ def replay(ctx: click.Context, path: Path, since: str | None, merges: bool) -> N
     columns = (TextColumn("replaying commits"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with _store(settings) as store, Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("replay", total=None)
-        result = replay_repository(store, settings, path, since, merges=merges,
+        result = replay_repository(store, settings, path, since, merges=merges, branches=branches,
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     unreadable = (f", {result.unreadable} unreadable (malformed, missing or a shallow clone's boundary; "
                   "see the warnings)") if result.unreadable else ""

@@ -5,17 +5,26 @@ For each GIT_REPO: walk the first-parent history with Gremlin's `iter_commits` (
 skip commits whose diff is empty or over --max-diff-bytes, and make pairs (cleaned message
 → diff cut to --chars), cleaned as Gremlin's dataset is (duplicates and trivial pairs
 dropped). The oldest 80 % train, the newest 20 % test (`split_chronologically`: no test
-text appears in training). Each test message is a query; the corpus is every test diff.
+text appears in training). The test pairs are split again by time, as the trainer splits its
+held-out pairs (self_training/evaluate.py `split_validation`): the older half chooses hybrid
+search's fusion weight for each model, every method is reported on the newer half. Each test
+message is a query; the corpus is every diff of its half.
 
-Ranked: BM25 (rank_bm25, code-aware tokens: split on non-word characters, snake_case and
-camelCase, lowercased), the base MiniLM, the model Gremlin's `fine_tune` makes from the
-training pairs, and hybrid search (reciprocal-rank fusion of BM25 and each dense ranking).
-Dense models see diffs as Gremlin embeds them (memory/text.py: file names, hunk context and
-changed lines); BM25 ranks the full diff text, as Gremlin's full-text index does.
-Reported: MRR@10, Recall@1, Recall@10; training time and pairs/s.
+Ranked exactly as the trainer's calibration ranks (evaluate.py `task_rankings`): lexical =
+Gremlin's own full-text search (SQLite FTS5 BM25, memories_fts's tokenizer) over the full diff
+text; dense = the base MiniLM and the model Gremlin's `fine_tune` makes from the training
+pairs, over diffs as Gremlin embeds them (memory/text.py); hybrid = weighted reciprocal-rank
+fusion of the two, with equal weights and with the weight calibrated on the older half.
+Reported: MRR@10, Recall@1, Recall@10; the weights; training time and pairs/s.
 
 Target (issue 5): on at least two repositories the fine-tuned model beats the base MiniLM
-by >= 0.05 MRR@10 and beats BM25, and hybrid search with it beats both.
+by >= 0.05 MRR@10 and beats BM25, and hybrid search with it beats both. Issue 13: hybrid
+with the calibrated weight never loses to tuned dense alone by more than noise.
+
+With --branches (issue 13) the training pairs also hold the commits merges brought, dated when
+they landed, while the test pairs stay the first-parent ones: both modes are judged on the
+same test. --save-pairs DIR keeps each repository's pairs (both modes) as DIR/<name>.json,
+which can stand in for the repository elsewhere; --spec KEY=VALUE sets any training spec field.
 
 Example: .venv/bin/python bench/selftrain.py /tmp/bench-repos/click /tmp/bench-repos/requests
 """
@@ -26,38 +35,36 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from model loading and saving in the tables
 
 from _common import REPO, LoadMeter, configure_logging, console, machine, print_table, verdict, warn_if_disturbed
 from config.errors import GremlinError
 from config.settings import TrainingSettings
-from memory.fusion import RRF_K, reciprocal_rank_fusion
+from memory.fusion import EQUAL_WEIGHT
 from memory.vector_store.embedder import Embedder, choose_device, resolve_model_path
-from self_training.evaluate import METRICS, dense_rankings, heldout_task, ranking_metrics
-from memory.text import embedding_text
+from self_training.evaluate import (METRICS, TaskRankings, choose_fusion_weight, fused_rankings, ranking_metrics,
+                                    split_validation, task_rankings)
 from self_training.finetune import TrainingSpec, fine_tune
 from self_training.trainer import model_pairs
 from self_training.generate_dataset import Pair, clean_pairs, split_chronologically
-from self_training.git_history import clean_message, load_commit, log_entries, repository_root
+from self_training.git_history import (clean_message, load_commit, range_shas, read_log, repository_root,
+                                       with_branches)
 
 logger = logging.getLogger(__name__)
 
 TARGET_GAIN = 0.05
 MIN_REPOS = 2
-DEPTH = 100  # each ranking fused by hybrid search is this deep
 QUICK = {"max_seq_length": 128, "max_train_pairs": 300, "epochs": 1, "batch_size": 16}
-METHODS = ("bm25", "base", "tuned", "hybrid_base", "hybrid_tuned")
-LABELS = {"bm25": "BM25 (rank_bm25)", "base": "base MiniLM", "tuned": "fine-tuned MiniLM",
-          "hybrid_base": "hybrid: BM25 + base", "hybrid_tuned": "hybrid: BM25 + fine-tuned"}
+METHODS = ("bm25", "base", "tuned", "hybrid_base", "hybrid_tuned", "hybrid_tuned_calibrated")
+LABELS = {"bm25": "BM25 (Gremlin's FTS5)", "base": "base MiniLM", "tuned": "fine-tuned MiniLM",
+          "hybrid_base": "hybrid: BM25 + base (equal)", "hybrid_tuned": "hybrid: BM25 + fine-tuned (equal)",
+          "hybrid_tuned_calibrated": "hybrid: BM25 + fine-tuned (calibrated)"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,9 @@ class RepoResult:
     commits: int
     train_pairs: int
     test_pairs: int
+    validation_pairs: int
     corpus: int
+    weights: dict[str, float]
     metrics: dict[str, dict[str, float]]
     train: dict
     gate: dict
@@ -77,10 +86,16 @@ class RepoResult:
 # -- pairs ---------------------------------------------------------------------------------
 
 
-def history_pairs(repo: Path, max_commits: int, chars: int, max_diff_bytes: int, merges: bool) -> tuple[list[Pair], int]:
-    """(cleaned pairs oldest first, commits read) of the newest `max_commits` commits."""
+def history_pairs(repo: Path, max_commits: int, chars: int, max_diff_bytes: int, merges: bool,
+                  branches: bool = False) -> tuple[list[Pair], int]:
+    """(cleaned pairs oldest first, commits read) of the newest `max_commits` commits; with
+    `branches`, the commits merges brought as well, dated when they landed (replay's rule)."""
+    if repo.suffix == ".json":  # pairs saved by --save-pairs (a machine without the repository)
+        saved = json.loads(repo.read_text(encoding="utf-8"))["branches" if branches else "first_parent"]
+        return [Pair(p["input"], p["output"], "commit", (), p["time"]) for p in saved["pairs"]], saved["commits"]
     root = repository_root(repo)
-    entries = log_entries(root, merges=merges)[-max_commits:]
+    history = read_log(root, range_shas(root, merges=merges or branches))
+    entries = (with_branches(root, history, merges) if branches else history).entries[-max_commits:]
     pairs = []
     for entry in entries:
         commit = load_commit(root, entry, max_diff_bytes)
@@ -89,44 +104,36 @@ def history_pairs(repo: Path, max_commits: int, chars: int, max_diff_bytes: int,
     return clean_pairs(pairs), len(entries)
 
 
-_IDENTIFIER_PARTS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+def split_pairs(repo: Path, args: argparse.Namespace) -> tuple[list[Pair], list[Pair], int]:
+    """(train, test, commits read). The test pairs are always the newest of the first-parent
+    history; with --branches the training pairs are every pair (branch commits included)
+    that landed before the first test pair, so both modes are judged on the same test."""
+    pairs, commits = history_pairs(repo, args.max_commits, args.chars, args.max_diff_bytes, args.merges)
+    saved = {"first_parent": {"commits": commits, "pairs": [asdict(p) for p in pairs]}}
+    train, test = split_chronologically(pairs, args.test_fraction, 1)
+    if args.branches:
+        more, commits = history_pairs(repo, args.max_commits, args.chars, args.max_diff_bytes, args.merges, True)
+        saved["branches"] = {"commits": commits, "pairs": [asdict(p) for p in more]}
+        cutoff, tested = min(p.time for p in test), {p.output for p in test} | {p.input for p in test}
+        train = [p for p in more if p.time < cutoff and p.output not in tested and p.input not in tested]
+    if args.save_pairs:
+        args.save_pairs.mkdir(parents=True, exist_ok=True)
+        (args.save_pairs / f"{_name(repo)}.json").write_text(json.dumps(saved), encoding="utf-8")
+    return train, test, commits
 
 
-def code_tokens(text: str) -> list[str]:
-    """Lowercased words: identifiers split at snake_case and camelCase, the whole kept too."""
-    tokens = []
-    for word in re.findall(r"[A-Za-z0-9_]+", text):
-        parts = [p.lower() for p in _IDENTIFIER_PARTS.findall(word)]
-        tokens += parts
-        if len(parts) > 1:
-            tokens.append(word.lower())
-    return tokens
+def _name(repo: Path) -> str:
+    return repo.stem if repo.suffix == ".json" else repo.name
 
 
 # -- rankings ------------------------------------------------------------------------------
 
 
-def bm25_rankings(queries: list[str], corpus: list[str], depth: int = DEPTH) -> list[list[int]]:
-    """Corpus indices by BM25 score (rank_bm25's BM25Okapi), best first."""
-    try:
-        from rank_bm25 import BM25Okapi
-    except ImportError as exc:
-        raise GremlinError("bench/selftrain.py compares with rank-bm25, a benchmark-only dependency: "
-                           "install it with `.venv/bin/pip install -e '.[bench]'` (make bench does)") from exc
-
-    index = BM25Okapi([code_tokens(doc) or ["∅"] for doc in corpus])
-    return [np.argsort(-index.get_scores(code_tokens(q)), kind="stable")[:depth].tolist() for q in queries]
-
-
-def dense(embedder: Embedder, queries: list[str], corpus: list[str], depth: int = DEPTH) -> list[list[int]]:
-    """Corpus indices by cosine similarity of the model's vectors, best first."""
-    return dense_rankings(embedder.encode(queries), embedder.encode(corpus), depth)
-
-
-def hybrid(lexical: list[list[int]], semantic: list[list[int]]) -> list[list[int]]:
-    """Reciprocal-rank fusion of two rankings per query (as Gremlin's hybrid search does)."""
-    return [[item for item, _ in reciprocal_rank_fusion([a, b], RRF_K, 10)]
-            for a, b in zip(lexical, semantic, strict=True)]
+def ranked_halves(path: Path, args: argparse.Namespace, spec: TrainingSpec,
+                  validation: list[tuple[str, str]], test: list[tuple[str, str]]) -> tuple[TaskRankings, TaskRankings]:
+    """Both halves ranked by one model (dense) and by FTS5 (lexical), as the trainer ranks them."""
+    model = Embedder(path, spec.device, args.encode_batch_size, spec.max_seq_length)
+    return task_rankings(model.encode, validation), task_rankings(model.encode, test)
 
 
 # -- one repository ------------------------------------------------------------------------
@@ -136,41 +143,47 @@ def train_spec(args: argparse.Namespace) -> TrainingSpec:
     """The fine-tuning spec: Gremlin's [training] defaults with the command-line overrides."""
     overrides = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "max_seq_length",
                                                "learning_rate", "device", "precision", "seed")}
+    for item in args.spec:  # KEY=VALUE, typed like the spec's field
+        key, _, value = item.partition("=")
+        if key not in TrainingSpec.__dataclass_fields__:
+            raise GremlinError(f"--spec {item}: {key!r} is not a training spec field")
+        default = getattr(TrainingSpec(), key)
+        overrides[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
     return TrainingSpec.from_settings(TrainingSettings(), **overrides)
 
 
 def measure_repo(repo: Path, args: argparse.Namespace, workdir: Path) -> RepoResult:
-    """Pairs, the three rankers and the two hybrids on one repository."""
-    pairs, commits = history_pairs(repo, args.max_commits, args.chars, args.max_diff_bytes, args.merges)
-    train, test = split_chronologically(pairs, args.test_fraction, 1)
+    """Pairs, the three rankers and the three hybrids on one repository."""
+    train, test, commits = split_pairs(repo, args)
     if args.max_train_pairs:
         train = train[-args.max_train_pairs:]  # the newest: nearest in time to the test pairs
-    if len(train) < 2 or len(test) < 2:
+    if len(train) < 2 or len(test) < 4:  # two test pairs per half at least
         raise GremlinError(f"{repo}: only {len(train)} training and {len(test)} test pairs; "
                            "use a repository with more history or raise --max-commits")
-    queries, corpus, relevant = heldout_task([(p.input, p.output) for p in test])
-    console.print(f"[bold]{repo}[/]: {commits} commits → {len(train)} train / {len(test)} test pairs, "
-                  f"corpus {len(corpus)} diffs", highlight=False)
+    validation, reported = split_validation([(p.input, p.output) for p in test])
+    corpus = len({output for _, output in reported})
+    console.print(f"[bold]{repo}[/]: {commits} commits → {len(train)} train / {len(test)} test pairs "
+                  f"({len(validation)} choose the fusion weight, {len(reported)} report over {corpus} diffs)",
+                  highlight=False)
     spec = train_spec(args)
     base_path = resolve_model_path("", REPO)
-    rankings = {"bm25": bm25_rankings(queries, corpus)}
-    viewed = [embedding_text(doc) for doc in corpus]  # what Gremlin embeds (memory/text.py)
-    base = Embedder(base_path, spec.device, args.encode_batch_size, spec.max_seq_length)
-    rankings["base"] = dense(base, queries, viewed)
-    del base
+    base_val, base_test = ranked_halves(base_path, args, spec, validation, reported)
     meter = LoadMeter([os.getpid()])
-    result = fine_tune(model_pairs(train), spec, base_path, workdir / repo.name,
+    result = fine_tune(model_pairs(train), spec, base_path, workdir / _name(repo),
                        progress=_progress(args.verbose))
     other = meter.other_cores()
-    tuned = Embedder(result.path, spec.device, args.encode_batch_size, spec.max_seq_length)
-    rankings["tuned"] = dense(tuned, queries, viewed)
-    rankings["hybrid_base"] = hybrid(rankings["bm25"], rankings["base"])
-    rankings["hybrid_tuned"] = hybrid(rankings["bm25"], rankings["tuned"])
-    metrics = {m: ranking_metrics(r, relevant) for m, r in rankings.items()}
+    tuned_val, tuned_test = ranked_halves(result.path, args, spec, validation, reported)
+    weights = {"base": choose_fusion_weight(base_val), "tuned": choose_fusion_weight(tuned_val)}
+    rankings = {"bm25": tuned_test.lexical, "base": base_test.dense, "tuned": tuned_test.dense,
+                "hybrid_base": fused_rankings(base_test, EQUAL_WEIGHT),
+                "hybrid_tuned": fused_rankings(tuned_test, EQUAL_WEIGHT),
+                "hybrid_tuned_calibrated": fused_rankings(tuned_test, weights["tuned"])}
+    metrics = {m: ranking_metrics(r, tuned_test.relevant) for m, r in rankings.items()}
     training = {"seconds": result.seconds, "pairs_per_s": result.pairs_per_s, "steps": result.steps,
                 "device": result.device, "precision": result.precision, "train_loss": result.train_loss,
                 "other_cores_busy": round(other, 2), "spec": spec.to_dict()}
-    return RepoResult(str(repo), commits, len(train), len(test), len(corpus), metrics, training, gate(metrics))
+    return RepoResult(str(repo), commits, len(train), len(reported), len(validation), corpus, weights, metrics,
+                      training, gate(metrics))
 
 
 def _progress(verbose: bool):
@@ -185,7 +198,7 @@ def gate(metrics: dict[str, dict[str, float]]) -> dict:
     mrr = {m: metrics[m]["mrr@10"] for m in METHODS}
     checks = {"tuned_beats_base_by_0.05": mrr["tuned"] - mrr["base"] >= TARGET_GAIN,
               "tuned_beats_bm25": mrr["tuned"] > mrr["bm25"],
-              "hybrid_beats_both": mrr["hybrid_tuned"] > max(mrr["tuned"], mrr["bm25"])}
+              "hybrid_beats_both": mrr["hybrid_tuned_calibrated"] > max(mrr["tuned"], mrr["bm25"])}
     return {**checks, "gain_over_base": round(mrr["tuned"] - mrr["base"], 4), "passed": all(checks.values())}
 
 
@@ -196,22 +209,24 @@ def report(results: list[RepoResult], args: argparse.Namespace, seconds: float) 
     """Tables per repository, the gate, and the verdict."""
     for r in results:
         rows = [(LABELS[m], *(f"{r.metrics[m][k]:.4f}" for k in METRICS)) for m in METHODS]
-        print_table(Path(r.repo).name, rows, ("ranker", *METRICS))
+        print_table(_name(Path(r.repo)), rows, ("ranker", *METRICS))
         t = r.train
         g = r.gate
-        print_table(f"{Path(r.repo).name}: training and target", [
-            ("history", f"{r.commits} commits: {r.train_pairs} older pairs trained on, {r.test_pairs} newest "
-                        f"messages ranked over their {r.corpus} diffs"),
+        print_table(f"{_name(Path(r.repo))}: training and target", [
+            ("history", f"{r.commits} commits: {r.train_pairs} older pairs trained on; of the newest, "
+                        f"{r.validation_pairs} chose the fusion weight, {r.test_pairs} ranked over their {r.corpus} diffs"),
+            ("fusion weight (dense share)", f"tuned {r.weights['tuned']:.2f}, base {r.weights['base']:.2f} "
+                                            "(0.5 = equal)"),
             ("fine-tuning", f"{t['steps']} steps in {t['seconds']:.1f} s, {t['pairs_per_s']:.1f} pairs/s on "
                             f"{t['device']} ({t['precision']}), loss {t['train_loss']}"),
             ("spec", json.dumps(t["spec"], sort_keys=True)),
             ("tuned − base MRR@10 ≥ 0.05", f"{g['gain_over_base']:+.4f} {'yes' if g['tuned_beats_base_by_0.05'] else 'no'}"),
             ("tuned beats BM25", "yes" if g["tuned_beats_bm25"] else "no"),
-            ("hybrid (tuned) beats tuned and BM25", "yes" if g["hybrid_beats_both"] else "no"),
+            ("hybrid (tuned, calibrated) beats tuned and BM25", "yes" if g["hybrid_beats_both"] else "no"),
         ], ("what", "value"))
         warn_if_disturbed(t["other_cores_busy"])
     console.print(f"{machine()}; total {seconds:.0f} s; command: {' '.join(sys.argv)}", highlight=False)
-    passed = [Path(r.repo).name for r in results if r.gate["passed"]]
+    passed = [_name(Path(r.repo)) for r in results if r.gate["passed"]]
     if args.json_out:
         args.json_out.write_text(json.dumps({"results": [asdict(r) for r in results], "passed": passed,
                                              "seconds": round(seconds, 1), "machine": machine(),
@@ -230,6 +245,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-diff-bytes", type=int, default=262_144, help="skip commits with a larger diff")
     parser.add_argument("--no-merges", dest="merges", action="store_false",
                         help="skip merge commits (default: a merge is one change against its first parent)")
+    parser.add_argument("--branches", action="store_true",
+                        help="also the commits merges brought, dated when they landed ([training] replay_branches)")
+    parser.add_argument("--save-pairs", type=Path, default=None, metavar="DIR",
+                        help="write each repository's cleaned pairs to DIR/<name>.json; pass such a file "
+                             "instead of a repository to run where the repository is not (e.g. a GPU machine)")
+    parser.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any training spec field (e.g. min_steps=40, method=lora); repeatable")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="newest share held out (default 0.2)")
     parser.add_argument("--max-train-pairs", type=int, default=None, help="train on the newest N pairs only")
     parser.add_argument("--epochs", type=int, default=None, help="default: [training] epochs")

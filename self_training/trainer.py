@@ -19,6 +19,7 @@ that fails is logged and the run goes on with the configured spec.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import logging
 import secrets
@@ -34,17 +35,20 @@ from transitions import Machine
 
 from config.errors import GremlinError
 from memory.atomic import write_json_atomically
-from memory.service import build_index
+from memory.errors import ModelError
+from memory.service import build_index, release_free_memory
 from memory.store import Store, utc_now
 from memory.text import embedding_text
 from memory.vector_store.embedder import (
     Embedder,
+    adapter_base_path,
     current_model_file,
+    is_adapter,
     model_fingerprint,
     resolve_current_model,
 )
 from memory.vector_store.index import index_path, remove_index
-from self_training.evaluate import evaluate_encoder, gate
+from self_training.evaluate import gate
 from self_training.feedback_loop import (
     Trigger,
     claim_trigger,
@@ -53,7 +57,7 @@ from self_training.feedback_loop import (
     requeue_trigger,
     trigger_path,
 )
-from self_training.finetune import TrainingSpec, fine_tune
+from self_training.finetune import HeldOutCheck, TrainingSpec, fine_tune_in_child
 from self_training.generate_dataset import build_dataset
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,14 @@ class TrainerBusy(GremlinError):
 
 class Interrupted(GremlinError):
     """The daemon is stopping; the run ends as failed and its trigger is queued again."""
+
+
+@dataclass(frozen=True)
+class CurrentModel:
+    """A model by id and folder, not loaded: all a run needs of the current model and the candidate."""
+
+    model_id: str
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -300,6 +312,7 @@ class Trainer:
         finally:  # whatever happened, the next trigger must find the machine idle
             if self.state != "idle":
                 self.machine.set_state("idle")
+            _release_memory()
         return outcome
 
     def _cycle(self, trigger: Trigger, spec: TrainingSpec, promote: bool) -> RunOutcome:
@@ -315,18 +328,19 @@ class Trainer:
                 f"pairs (need {cfg.min_train_pairs} and {cfg.min_heldout_pairs}); it will try again "
                 "after more changes"))
         self.train()
-        current = self._current_embedder()
+        current = self._current_model()  # its id and path only: this process never loads a candidate
         out_dir = models_dir(self.settings) / self.run_id
-        result = fine_tune(model_pairs(dataset.train), spec, current.path, out_dir,
-                           progress=self._on_step, tensorboard_dir=self._tensorboard_dir(),
-                           mlflow_uri=cfg.mlflow_uri)
-        self.evaluate()
-        candidate = Embedder(out_dir, spec.device, self.settings.model.batch_size, self.settings.model.max_seq_length)
-        heldout = model_pairs(dataset.heldout)
-        before = evaluate_encoder(current.encode, heldout)
-        after = evaluate_encoder(candidate.encode, heldout)
+        report = fine_tune_in_child(model_pairs(dataset.train), spec, current.path, out_dir,
+                                    progress=self._on_step, tensorboard_dir=self._tensorboard_dir(),
+                                    mlflow_uri=cfg.mlflow_uri, stop=self.stop_event,
+                                    check=self._heldout_check(dataset, current, spec), on_evaluating=self.evaluate)
+        if self.state == "training":  # the child always announces its check; this only guards the FSM
+            self.evaluate()
+        before, after = report.before, report.after
         decision = gate(before, after, cfg.min_gain, cfg.tolerance)
-        lineage = self._lineage(trigger, spec, dataset, result, current, before, after, decision)
+        lineage = self._lineage(trigger, spec, dataset, report.result, current, before, after, decision)
+        lineage.update(report.fusion)
+        candidate = CurrentModel(model_fingerprint(out_dir), out_dir)  # before a rejection drops the weights
         self._save_model(out_dir, candidate.model_id, spec, lineage, decision.accepted)
         outcome = RunOutcome(self.run_id, "accepted" if decision.accepted else "rejected", decision.reason,
                              candidate.model_id, before, after)
@@ -339,21 +353,21 @@ class Trainer:
         self._promote(candidate, current)
         return RunOutcome(**{**outcome.to_dict(), "outcome": "promoted"})
 
-    def _promote(self, candidate: Embedder, current: Embedder) -> None:
+    def _promote(self, candidate: CurrentModel, current: CurrentModel) -> None:
         self.promote()
         self._set_metrics(previous_model={"id": current.model_id, "path": str(current.path)})
         write_json_atomically(current_model_file(self.settings.home),
                               {"id": candidate.model_id, "path": str(candidate.path), "time": utc_now()})
         self.store.make_current(candidate.model_id)
         self.reindex()
+        serving = Embedder(candidate.path, self.settings.model.device, self.settings.model.batch_size,
+                           self.settings.model.max_seq_length)  # the first model this process loads in a run
         if self.memory is not None:
-            serving = Embedder(candidate.path, self.settings.model.device, self.settings.model.batch_size,
-                               self.settings.model.max_seq_length)
             index = self.memory.build_index(serving, progress=self._on_reindex)
-            self.memory.swap(serving, index)
+            self.memory.swap(serving, index)  # the memory held the old embedder's only reference
             self._swapped = True
         else:  # a foreground run: the index is ready when the daemon next starts
-            build_index(self.settings, self.store, candidate, progress=self._on_reindex)
+            build_index(self.settings, self.store, serving, progress=self._on_reindex)
         try:
             prune_models(self.settings, self.store)
         except OSError:
@@ -390,12 +404,20 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------
 
-    def _current_embedder(self) -> Embedder:
+    def _current_model(self) -> CurrentModel:
+        """The id and folder of the model serving now (without loading it, nor keeping the embedder)."""
         if self.memory is not None:
-            return self.memory.current()[0]
-        return Embedder(resolve_current_model(self.settings.model.path, self.settings.home),
-                        self.settings.training.device, self.settings.model.batch_size,
-                        self.settings.model.max_seq_length)
+            embedder = self.memory.current()[0]
+            return CurrentModel(embedder.model_id, embedder.path)
+        path = resolve_current_model(self.settings.model.path, self.settings.home)
+        return CurrentModel(model_fingerprint(path), path)
+
+    def _heldout_check(self, dataset, current: CurrentModel, spec: TrainingSpec) -> HeldOutCheck:
+        """What the training process scores after training: metrics on the held-out pairs as the model
+        sees them, and `_fusion`'s calibration on their full texts."""
+        m = self.settings.model
+        return HeldOutCheck(model_pairs(dataset.heldout), self._fusion(dataset), current.path, spec.device,
+                            m.batch_size, m.max_seq_length)
 
     def _tensorboard_dir(self) -> Path | None:
         return self.settings.data_dir / "runs" / self.run_id if self.settings.training.tensorboard else None
@@ -411,11 +433,18 @@ class Trainer:
                 "seconds": result.seconds, "time_limited": result.time_limited, "run_id": self.run_id,
                 "trigger": trigger.to_dict()}
 
+    @staticmethod
+    def _fusion(dataset) -> list[tuple[str, str]]:
+        """The pairs on which the training process calibrates lineage `fusion` (the candidate's hybrid-search
+        weight, chosen on the older half, and MRR@10 on the newer half) and `fusion_before` (the current's)."""
+        return [(p.input, p.output) for p in dataset.heldout]  # time-ordered; lexical search sees full texts
+
     def _save_model(self, out_dir: Path, model_id: str, spec: TrainingSpec, lineage: dict, accepted: bool) -> None:
         """Write spec and lineage beside the weights; a rejected model keeps only its numbers."""
         write_json_atomically(out_dir / "spec.json", spec.to_dict())
         write_json_atomically(out_dir / "lineage.json", lineage)
-        self.store.register_model(model_id, str(out_dir), "accepted" if accepted else "rejected", lineage)
+        self.store.register_model(model_id, str(out_dir), "accepted" if accepted else "rejected", lineage,
+                                  fusion_weight=lineage.get("fusion", {}).get("weight"))
         if not accepted:
             _drop_weights(out_dir)
         self._set_metrics(before=lineage["metrics_before"], after=lineage["metrics_after"],
@@ -471,6 +500,13 @@ class Trainer:
                 "last_run": last_run(self.store)}
 
 
+def _release_memory() -> None:
+    """Free what a run left behind (a swapped-out model's tensors sit in reference cycles) and
+    hand the freed heap back to the OS, so a long-running daemon returns to its idle size."""
+    gc.collect()
+    release_free_memory()
+
+
 def last_run(store: Store) -> dict | None:
     """The newest run, summarised for `gremlin status`."""
     runs = store.recent_runs(1)
@@ -490,9 +526,12 @@ def prune_models(settings, store: Store) -> list[str]:
     """Keep the newest `keep_models` trained models besides the current one; drop the rest."""
     trained = [m for m in store.list_models() if Path(m["path"]).parent == models_dir(settings)]
     keep = settings.training.keep_models
+    needed = _adapter_bases(m for m in store.list_models() if m["status"] in ("current", "retired", "accepted"))
     pruned = []
     for status in ("retired", "accepted"):  # unpromoted cycle models never push out rollback targets
         for model in [m for m in trained if m["status"] == status][keep:]:
+            if Path(model["path"]).resolve() in needed:
+                continue  # a kept LoRA model is an adapter over these weights
             _drop_weights(Path(model["path"]))
             store.delete_vectors(model["id"])
             remove_index(index_path(settings.memory.index_dir, model["id"]))
@@ -501,6 +540,19 @@ def prune_models(settings, store: Store) -> list[str]:
     if pruned:
         logger.info("old models pruned", extra={"models": pruned})
     return pruned
+
+
+def _adapter_bases(models) -> set[Path]:
+    """The base folders that the LoRA models among `models` load their weights from."""
+    bases = set()
+    for model in models:
+        path = Path(model["path"])
+        try:
+            if is_adapter(path):
+                bases.add(adapter_base_path(path).resolve())
+        except ModelError:
+            logger.warning("LoRA model has lost its base", extra={"model_id": model["id"], "path": str(path)})
+    return bases
 
 
 def switch_model(settings, store: Store, model_id: str | None = None, memory=None,

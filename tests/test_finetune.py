@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from memory.vector_store.embedder import Embedder, resolve_model_path
-from self_training.finetune import TrainingSpec, fine_tune, resolve_precision
+from self_training.finetune import MAX_EPOCHS, TrainingSpec, fine_tune, hard_negatives, resolve_precision, train_epochs
 
 from tests.conftest import REPO
 
@@ -46,3 +46,34 @@ def test_a_spec_from_settings_has_no_time_limit(settings):
     spec = TrainingSpec.from_settings(settings.training, epochs=2)
     assert spec.max_seconds == 0.0 and spec.epochs == 2
     assert TrainingSpec.from_settings(settings.training, max_seconds=60).max_seconds == 60
+
+
+def test_min_steps_adds_epochs_to_a_small_history_and_never_removes_any():
+    assert train_epochs(220, TrainingSpec(batch_size=32, min_steps=0)) == 1  # 7 steps, as configured
+    assert train_epochs(220, TrainingSpec(batch_size=32, min_steps=40)) == 6  # 7 steps an epoch
+    assert train_epochs(5000, TrainingSpec(batch_size=32, min_steps=40)) == 1  # already 157 steps
+    assert train_epochs(220, TrainingSpec(batch_size=32, epochs=3, min_steps=10)) == 3
+    assert train_epochs(3, TrainingSpec(batch_size=32, min_steps=10_000)) == MAX_EPOCHS
+
+
+def test_min_steps_really_trains_that_many_steps(tmp_path):
+    spec = TrainingSpec(batch_size=4, max_seq_length=16, device="cpu", min_steps=5)
+    result = fine_tune(PAIRS, spec, resolve_model_path("", REPO), tmp_path / "model")
+    assert result.steps == 6  # 2 steps an epoch, 3 epochs
+
+
+def test_hard_negatives_are_the_other_diffs_full_text_search_points_to():
+    pairs = [("retry the upload after a timeout", "+upload.retry(timeout=5)"),
+             ("retry the download after a timeout", "+download.retry(timeout=5)"),
+             ("rename the logger", "+log = logging.getLogger(name)"),
+             ("document the config file", "+# config.toml holds defaults")]
+    negatives = hard_negatives(pairs, seed=1)
+    assert negatives[0] == "+download.retry(timeout=5)" and negatives[1] == "+upload.retry(timeout=5)"
+    assert all(n != p[1] for n, p in zip(negatives, pairs))  # never a pair's own diff
+    assert hard_negatives([("a", "same"), ("b", "same")], seed=1) is None
+
+
+def test_training_with_hard_negatives_runs(tmp_path):
+    spec = TrainingSpec(max_steps=2, batch_size=4, max_seq_length=16, device="cpu", hard_negatives=True)
+    result = fine_tune(PAIRS, spec, resolve_model_path("", REPO), tmp_path / "model")
+    assert result.steps == 2 and result.train_loss is not None

@@ -152,8 +152,14 @@ def test_promotion_reindexes_while_search_answers_and_rollback_restores(trained_
                 "metrics_before", "metrics_after", "device", "seconds"):
         assert key in lineage
     assert lineage["base_model"] == base_id and lineage["source"] == "manual"
+    for block in (lineage["fusion"], lineage["fusion_before"]):            # calibrated on half, reported on half
+        assert 0 <= block["weight"] <= 1 and block["validation"] + block["test"] == lineage["n_heldout"]
+        assert set(block["mrr@10"]) == {"dense", "lexical", "hybrid", "hybrid_equal"}
+    assert store.get_model(outcome.model_id)["fusion_weight"] == lineage["fusion"]["weight"]
+    assert memory.fusion_weight == lineage["fusion"]["weight"]             # search uses the new model's weight
 
     switch_model(settings, store, None, memory)                            # roll back to the base
+    assert memory.fusion_weight == 0.5                                     # the base model was never calibrated
     assert memory.model_id == base_id and resolve_current_model("", settings.home).name != outcome.run_id
     assert store.get_model(outcome.model_id)["status"] == "retired"
     assert memory.search("the upload handler", k=3)
