@@ -74,6 +74,18 @@ def test_grid_search_beats_equal_rrf_when_dense_is_right_and_lexical_wrong():
     assert hybrid_mrr(task, weight) == 1.0 > hybrid_mrr(task, 0.5)
 
 
+def test_a_gain_of_one_query_in_many_does_not_move_the_weight():
+    # 20 queries: on one, dense is right and lexical wrong (a higher weight would win it); on
+    # the others both agree. The best weight gains 1 query of 20: not beyond its standard error.
+    dense = [[q, (q + 1) % 20, (q + 2) % 20] for q in range(20)]
+    lexical = [[(q + 1) % 20, (q + 2) % 20, q] if q == 0 else [q, (q + 1) % 20] for q in range(20)]
+    task = TaskRankings(dense, lexical, list(range(20)))
+    assert hybrid_mrr(task, 1.0) > hybrid_mrr(task, 0.5)
+    assert choose_fusion_weight(task) == 0.5
+    clear = TaskRankings(dense, [[(q + 1) % 20, (q + 2) % 20, q] for q in range(20)], list(range(20)))
+    assert choose_fusion_weight(clear) > 0.5  # dense right on every query: it moves
+
+
 def test_ties_go_to_equal_weights():
     same = [[0, 1, 2], [1, 0, 2], [2, 1, 0]]
     assert choose_fusion_weight(TaskRankings(same, same, [0, 1, 2])) == 0.5
