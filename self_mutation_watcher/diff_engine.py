@@ -314,11 +314,10 @@ class ChangeDetector:
 
     def check(self, path: Path, root: Path, **options) -> Outcome:
         """What happened to `path` since it was last recorded (see `inspect` for the options)."""
-        outcome = self.inspect(path, root, **options)
-        if outcome.pending is None:
-            return outcome
-        job = outcome.pending.job
-        return self.finish(outcome, unified_diff(job.old, job.new, job.label, self.watch.max_diff_bytes))
+        outcome = self.check_many([(path, root, options)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def check_many(self, checks: Sequence[tuple[Path, Path, dict]]) -> list[Outcome | Exception]:
         """`check` of each (path, root, options), their diffs made by one GNU diff run; a check

@@ -38,13 +38,18 @@ def ranking_metrics(rankings: Sequence[Sequence[int]], relevant: Sequence[int]) 
         raise ValueError(f"{len(rankings)} rankings for {len(relevant)} queries")
     if not rankings:
         return dict.fromkeys(METRICS, 0.0)
-    ranks = [_rank_of(list(r[:DEPTH]), answer) for r, answer in zip(rankings, relevant, strict=True)]
+    ranks = _ranks(rankings, relevant)
     n = len(ranks)
     return {
         "mrr@10": round(sum(1.0 / r for r in ranks if r) / n, 4),
         "recall@1": round(sum(1 for r in ranks if r == 1) / n, 4),
         "recall@10": round(sum(1 for r in ranks if r) / n, 4),
     }
+
+
+def _ranks(rankings: Sequence[Sequence[int]], relevant: Sequence[int]) -> list[int]:
+    """Each query's 1-based rank of its answer in the top DEPTH, 0 when absent."""
+    return [_rank_of(list(r[:DEPTH]), answer) for r, answer in zip(rankings, relevant, strict=True)]
 
 
 def _rank_of(ranking: list[int], answer: int) -> int:
@@ -103,8 +108,7 @@ def hybrid_mrr(task: TaskRankings, fusion_weight: float) -> float:
 
 def reciprocal_ranks(rankings: Sequence[Sequence[int]], relevant: Sequence[int]) -> np.ndarray:
     """Each query's 1 / rank of its answer in the top DEPTH (0 when absent): MRR@10 is their mean."""
-    ranks = [_rank_of(list(r[:DEPTH]), answer) for r, answer in zip(rankings, relevant, strict=True)]
-    return np.array([1.0 / r if r else 0.0 for r in ranks])
+    return np.array([1.0 / r if r else 0.0 for r in _ranks(rankings, relevant)])
 
 
 def choose_fusion_weight(task: TaskRankings, grid: Sequence[float] = WEIGHT_GRID) -> float:

@@ -390,6 +390,7 @@ def _log_through(sender, levels: dict[str, int]) -> None:
 
 
 MAX_EPOCHS = 50  # min_steps never makes more passes than this over a tiny history
+HARD_NEGATIVE_DEPTH = 5  # full-text hits looked at per pair for a negative that is not its own diff
 
 
 def train_epochs(n_pairs: int, spec: TrainingSpec) -> int:
@@ -420,8 +421,6 @@ def hard_negatives(pairs: Sequence[tuple[str, str]], seed: int) -> list[str] | N
         negatives.append(found)
     return negatives
 
-
-HARD_NEGATIVE_DEPTH = 5
 
 
 def _make_trainer(model, pairs, spec: TrainingSpec, out_dir: Path, device: str, precision: str, callbacks):
