@@ -41,18 +41,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from model loading and saving in the tables
 
 from _common import REPO, LoadMeter, configure_logging, console, machine, print_table, verdict, warn_if_disturbed
 from config.errors import GremlinError
 from config.settings import TrainingSettings
 from memory.fusion import EQUAL_WEIGHT
+from memory.text import embedding_text
 from memory.vector_store.embedder import Embedder, choose_device, resolve_model_path
-from self_training.evaluate import (METRICS, TaskRankings, choose_fusion_weight, fused_rankings, ranking_metrics,
-                                    split_validation, task_rankings)
+from self_training.evaluate import (METRICS, TaskRankings, choose_fusion_weight, fused_rankings, heldout_task,
+                                    ranking_metrics, split_validation, task_rankings)
 from self_training.finetune import TrainingSpec, fine_tune
 from self_training.trainer import model_pairs
-from self_training.generate_dataset import Pair, clean_pairs, split_chronologically
+from self_training.generate_dataset import Pair, clean_pairs, split_chronologically, with_file_pairs
 from self_training.git_history import (clean_message, load_commit, range_shas, read_log, repository_root,
                                        with_branches)
 
@@ -136,6 +139,21 @@ def ranked_halves(path: Path, args: argparse.Namespace, spec: TrainingSpec,
     return task_rankings(model.encode, validation), task_rankings(model.encode, test)
 
 
+def dump_views(path: Path, models: dict[str, Path], args: argparse.Namespace, spec: TrainingSpec,
+               validation: list[tuple[str, str]], test: list[tuple[str, str]]) -> None:
+    """Each model's vectors of both halves' queries and corpora (float16), to study fusion offline."""
+    arrays = {}
+    for name, model_path in models.items():
+        encode = Embedder(model_path, spec.device, args.encode_batch_size, spec.max_seq_length).encode
+        for half, pairs in (("validation", validation), ("test", test)):
+            queries, corpus, relevant = heldout_task(pairs)
+            arrays[f"{name}_{half}_queries"] = encode([embedding_text(t) for t in queries]).astype(np.float16)
+            arrays[f"{name}_{half}_corpus"] = encode([embedding_text(t) for t in corpus]).astype(np.float16)
+            arrays[f"{half}_relevant"] = np.array(relevant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
 # -- one repository ------------------------------------------------------------------------
 
 
@@ -169,10 +187,13 @@ def measure_repo(repo: Path, args: argparse.Namespace, workdir: Path) -> RepoRes
     base_path = resolve_model_path("", REPO)
     base_val, base_test = ranked_halves(base_path, args, spec, validation, reported)
     meter = LoadMeter([os.getpid()])
-    result = fine_tune(model_pairs(train), spec, base_path, workdir / _name(repo),
-                       progress=_progress(args.verbose))
+    result = fine_tune(model_pairs(with_file_pairs(train) if spec.file_pairs else train), spec, base_path,
+                       workdir / _name(repo), progress=_progress(args.verbose))
     other = meter.other_cores()
     tuned_val, tuned_test = ranked_halves(result.path, args, spec, validation, reported)
+    if args.dump:
+        dump_views(args.dump / f"{_name(repo)}.npz", {"base": base_path, "tuned": result.path}, args, spec,
+                   validation, reported)
     weights = {"base": choose_fusion_weight(base_val), "tuned": choose_fusion_weight(tuned_val)}
     rankings = {"bm25": tuned_test.lexical, "base": base_test.dense, "tuned": tuned_test.dense,
                 "hybrid_base": fused_rankings(base_test, EQUAL_WEIGHT),
@@ -266,6 +287,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--encode-batch-size", type=int, default=0, help="0 = the device's default")
     parser.add_argument("--quick", action="store_true",
                         help=f"small CPU preset: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+    parser.add_argument("--dump", type=Path, default=None, metavar="DIR",
+                        help="write base and tuned vectors of the held-out halves to DIR/<name>.npz")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return fill_defaults(parser.parse_args())

@@ -123,6 +123,7 @@ class TrainingSettings:
     max_steps: int = 0
     min_steps: int = 60
     hard_negatives: bool = False
+    file_pairs: bool = False
     batch_size: int = 32
     mini_batch_size: int = 0
     learning_rate: float = 1e-4

@@ -56,6 +56,7 @@ class TrainingSpec:
     max_steps: int = TrainingSettings.max_steps
     min_steps: int = TrainingSettings.min_steps
     hard_negatives: bool = TrainingSettings.hard_negatives
+    file_pairs: bool = TrainingSettings.file_pairs
     batch_size: int = TrainingSettings.batch_size
     mini_batch_size: int = TrainingSettings.mini_batch_size
     learning_rate: float = TrainingSettings.learning_rate

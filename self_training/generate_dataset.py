@@ -60,6 +60,7 @@ MIN_INPUT_WORDS = 3
 EVENTS_PER_PAIR = 4  # the newest max_pairs * this events are read: bounds memory on a long history
 ESTIMATE_CHARS = 600  # count_new_pairs reads only the start of each diff (enough to see a changed line)
 PAGE = 2000
+MAX_FILE_PAIRS = 8  # file_pairs: at most this many files of one diff become pairs of their own
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,30 @@ def commit_pairs(events: Sequence[EventRecord], max_chars: int) -> list[Pair]:
     return [Pair(clean_message(e.meta.get("message") or "")[:max_chars], (e.diff or "")[:max_chars], "commit",
                  (e.id,), e.time)
             for e in events if e.kind == COMMIT_KIND and e.diff]
+
+
+def file_sections(diff: str) -> list[str]:
+    """The parts of a unified diff, one per file (each starts at its `diff --git` line)."""
+    lines = diff.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("diff --git ")]
+    if len(starts) < 2:
+        return [diff] if diff else []
+    return ["".join(lines[a:b]).strip() for a, b in zip(starts, [*starts[1:], len(lines)])]
+
+
+def with_file_pairs(pairs: Sequence[Pair]) -> list[Pair]:
+    """`pairs`, and after each diff pair that touches several files, its input → each file's
+    part of the diff (the first MAX_FILE_PAIRS files that change a line): a small history
+    gives more to learn from. Only for training pairs; held-out pairs stay whole."""
+    out: list[Pair] = []
+    for pair in pairs:
+        out.append(pair)
+        if pair.source not in DIFF_SOURCES:
+            continue
+        parts = [s for s in file_sections(pair.output) if has_changed_lines(s)]
+        if len(parts) > 1:
+            out += [dataclasses.replace(pair, output=part) for part in parts[:MAX_FILE_PAIRS]]
+    return out
 
 
 def is_code_change(event: EventRecord) -> bool:

@@ -58,7 +58,7 @@ from self_training.feedback_loop import (
     trigger_path,
 )
 from self_training.finetune import HeldOutCheck, TrainingSpec, fine_tune_in_child
-from self_training.generate_dataset import build_dataset
+from self_training.generate_dataset import build_dataset, with_file_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,8 @@ class Trainer:
         self.train()
         current = self._current_model()  # its id and path only: this process never loads a candidate
         out_dir = models_dir(self.settings) / self.run_id
-        report = fine_tune_in_child(model_pairs(dataset.train), spec, current.path, out_dir,
+        train = with_file_pairs(dataset.train) if spec.file_pairs else dataset.train
+        report = fine_tune_in_child(model_pairs(train), spec, current.path, out_dir,
                                     progress=self._on_step, tensorboard_dir=self._tensorboard_dir(),
                                     mlflow_uri=cfg.mlflow_uri, stop=self.stop_event,
                                     check=self._heldout_check(dataset, current, spec), on_evaluating=self.evaluate)

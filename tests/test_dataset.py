@@ -15,7 +15,7 @@ import pytest
 from memory.store import FileState, NewEvent, Store, utc_now
 from self_training.generate_dataset import (HELDOUT_FILE, MANIFEST_FILE, TRAIN_FILE, Pair, build_dataset,
                                             clean_pairs, collect_pairs, count_new_pairs, jsonl,
-                                            split_chronologically)
+                                            split_chronologically, with_file_pairs)
 from self_training.replay import replay_repository
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -155,6 +155,26 @@ def test_split_holds_out_the_newest_and_never_leaks():
     assert len(split_chronologically(pairs, 0.2, 1)[1]) == 2
     assert len(split_chronologically(pairs[:4], 0.2, 4)[1]) == 2  # ... but never more than half
     assert split_chronologically([], 0.2, 2) == ([], [])
+
+
+def git_file(name: str, body: str) -> str:
+    return f"diff --git a/{name} b/{name}\nindex 1..2 100644\n--- a/{name}\n+++ b/{name}\n@@ -1 +1 @@\n{body}\n"
+
+
+def test_file_pairs_add_each_changed_file_of_a_diff_as_a_pair_of_its_own():
+    many = "".join(git_file(f"f{i}.py", f"-old {i}\n+new {i}") for i in range(10))
+    mode_only = "diff --git a/run.sh b/run.sh\nold mode 100644\nnew mode 100755\n"
+    two = git_file("a.py", "+x = 1") + mode_only + git_file("b.py", "-y = 2")
+    pairs = [pair("Touch two files and a mode", two, source="commit"),
+             pair("One file only for this fix", git_file("c.py", "+z"), source="commit"),
+             pair("shell task: pytest failed", "shell task: pytest -x", source="task_rewrite"),
+             pair("Rename ten modules at once", many, source="commit")]
+    out = with_file_pairs(pairs)
+    assert out[:3] == [pairs[0], dataclasses.replace(pairs[0], output=git_file("a.py", "+x = 1").strip()),
+                       dataclasses.replace(pairs[0], output=git_file("b.py", "-y = 2").strip())]  # no mode-only part
+    assert out[3:5] == pairs[1:3]                     # one file, or not a diff: as it was
+    assert out[5] == pairs[3] and [p.output.split()[2] for p in out[6:]] == [f"a/f{i}.py" for i in range(8)]
+    assert with_file_pairs([]) == []
 
 
 def test_build_dataset_writes_contract_rows_and_records_sha256(store: Store, settings):
