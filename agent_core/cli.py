@@ -22,7 +22,7 @@ console = Console()
 MEMORY_KINDS = ("code_diff", "failure", "feedback", "task", "log", "retrain")
 # The search modes (memory.service.SEARCH_MODES) and the score each reports; spelled out
 # here so that `--help` need not import the model stack.
-SCORE_NAMES = {"hybrid": "rrf", "dense": "cosine", "lexical": "bm25"}
+SCORE_NAMES = {"hybrid": "fused", "dense": "cosine", "lexical": "bm25"}
 
 
 class GremlinGroup(click.Group):
@@ -112,8 +112,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--kind", type=click.Choice(MEMORY_KINDS), default=None, help="Only memories of this kind.")
 @click.option("--mode", type=click.Choice(tuple(SCORE_NAMES)), default="hybrid", show_default=True,
               help="dense: by meaning (MiniLM, cosine score); lexical: by exact words and identifiers "
-                   "(SQLite full-text, BM25 score); hybrid: both, fused by reciprocal rank, which "
-                   "finds code by its identifiers and by what it does (rrf score, 1.0 = first in both).")
+                   "(SQLite full-text, BM25 score); hybrid: both, each list's scores scaled to 0..1 and "
+                   "mixed by the model's fusion weight, which finds code by its identifiers and by "
+                   "what it does (fused score, 1.0 = best in both).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
 def search(ctx: click.Context, query: str, k: int, kind: str | None, mode: str, as_json: bool) -> None:

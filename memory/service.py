@@ -22,7 +22,7 @@ import numpy as np
 
 from memory.drift import DriftDetector
 from memory.errors import MemoryLayerError
-from memory.fusion import EQUAL_WEIGHT, RRF_K, hybrid_fusion, hybrid_weights
+from memory.fusion import EQUAL_WEIGHT, hybrid_fusion
 from memory.store import StoredEvent, Store
 from memory.text import embedding_text
 from memory.vector_store.embedder import Embedder
@@ -199,9 +199,9 @@ class Memory:
         `mode` picks the ranking and what `SearchHit.score` means: "dense" = cosine
         similarity of MiniLM vectors (meaning); "lexical" = BM25 of the SQLite full-text
         index, higher is better (exact words and identifiers); "hybrid" (default) = both
-        fused by reciprocal rank, weighted by the model's fusion weight (the dense ranking's
-        share, calibrated by the trainer or set by [memory] fusion_weight), the score scaled so
-        1.0 is first in both and a ranking's share (0.5 at equal weights) first in it only.
+        fused (memory/fusion.py): each ranking's scores min-max scaled to [0, 1], then
+        w · dense + (1 − w) · lexical with the model's fusion weight w (the dense share,
+        calibrated by the trainer or set by [memory] fusion_weight); 1.0 = best in both.
         Memories not embedded yet are still found by "lexical" and "hybrid".
         """
         check_query(query, mode)
@@ -231,10 +231,11 @@ class Memory:
         depth = max(HYBRID_DEPTH, HYBRID_DEPTH_FACTOR * k)
         # The model's fusion weight is read once (a swap may change it meanwhile).
         budget, weight = self.settings.memory.lexical_budget, self.fusion_weight
-        lexical = [i for i, _ in self.store.lexical_search(query, depth, kind, budget)]
-        dense = [i for i, _ in self._dense(query, depth, kind, exact_scores=False)]  # ranks only
-        best = sum(hybrid_weights(weight)) / (RRF_K + 1)  # the fused score of an item first in both
-        return [(int(i), score / best) for i, score in hybrid_fusion(lexical, dense, weight, RRF_K, k)]
+        lexical = self.store.lexical_search(query, depth, kind, budget)
+        if len(lexical) > 1 and not any(score for _, score in lexical):  # over budget: newest matches, unscored
+            lexical = [(i, -float(rank)) for rank, (i, _) in enumerate(lexical)]  # credit by recency
+        dense = self._dense(query, depth, kind, exact_scores=False)
+        return [(int(i), score) for i, score in hybrid_fusion(lexical, dense, weight, k)]
 
     def maintain_index(self) -> bool:
         """Start rebuilding the index in the background when it outgrew its kind (exact → IVF,

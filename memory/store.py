@@ -204,6 +204,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE models ADD COLUMN fusion_weight REAL;
     """,
+    # 8: hybrid search now fuses normalised scores, not reciprocal ranks (memory/fusion.py); a
+    # weight calibrated for the old fusion means something else there, so each such model fuses
+    # equally until the trainer calibrates its successor.
+    """
+    UPDATE models SET fusion_weight = NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # File names are bytes, and Python hands an undecodable one over with surrogate escapes,
@@ -1198,29 +1204,34 @@ def fts_match_expression(words: Sequence[str]) -> str:
 
 
 def rank_lexically(corpus: Sequence[str], queries: Sequence[str], depth: int) -> list[list[int]]:
-    """For each query, indices of `corpus` best first, ranked as `Store.lexical_search` ranks
-    memories: the same FTS5 tokenizer (migration 2's `memories_fts`), words and MATCH
-    expression, by BM25, in a throwaway in-memory table. No budget: a held-out corpus is small,
-    and within the budget search is plain BM25 too."""
+    """For each query, indices of `corpus` best first (see `score_lexically`)."""
+    return [[i for i, _ in ranking] for ranking in score_lexically(corpus, queries, depth)]
+
+
+def score_lexically(corpus: Sequence[str], queries: Sequence[str], depth: int) -> list[list[tuple[int, float]]]:
+    """For each query, (index of `corpus`, BM25 score: higher is better) best first, ranked and
+    scored as `Store.lexical_search` does memories: the same FTS5 tokenizer (migration 2's
+    `memories_fts`), words and MATCH expression, in a throwaway in-memory table. No budget: a
+    held-out corpus is small, and within the budget search is plain BM25 too."""
     conn = sqlite3.connect(":memory:")
     try:
         conn.execute(f"CREATE VIRTUAL TABLE corpus_fts USING fts5(text, tokenize='{FTS_TOKENIZER}')")
         conn.executemany("INSERT INTO corpus_fts (rowid, text) VALUES (?, ?)",
                          ((i + 1, text.encode("utf-8", "replace").decode("utf-8"))  # no lone surrogates
                           for i, text in enumerate(corpus)))
-        return [_ranked_rows(conn, query, depth) for query in queries]
+        return [_scored_rows(conn, query, depth) for query in queries]
     finally:
         conn.close()
 
 
-def _ranked_rows(conn: sqlite3.Connection, query: str, depth: int) -> list[int]:
-    """0-based rows of `corpus_fts` matching `query`, best BM25 first."""
+def _scored_rows(conn: sqlite3.Connection, query: str, depth: int) -> list[tuple[int, float]]:
+    """(0-based row of `corpus_fts`, -bm25) of the rows matching `query`, best first."""
     words = query_words(query)
     if not words or depth <= 0:
         return []
-    rows = conn.execute("SELECT rowid FROM corpus_fts WHERE corpus_fts MATCH ? ORDER BY bm25(corpus_fts) LIMIT ?",
-                        (fts_match_expression(words), depth)).fetchall()
-    return [int(r[0]) - 1 for r in rows]
+    rows = conn.execute("SELECT rowid, bm25(corpus_fts) FROM corpus_fts WHERE corpus_fts MATCH ?"
+                        " ORDER BY bm25(corpus_fts) LIMIT ?", (fts_match_expression(words), depth)).fetchall()
+    return [(int(r[0]) - 1, -float(r[1])) for r in rows]
 
 
 def _b(value: str | None) -> str | bytes | None:

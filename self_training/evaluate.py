@@ -8,8 +8,8 @@ the current model on the same pairs; both sides are pure functions of their inpu
 Hybrid search's fusion weight (memory/fusion.py) is calibrated per model on the same
 held-out pairs, split by time: the older half chooses the weight (grid search on hybrid
 MRR@10), the newer half reports dense, lexical and hybrid MRR@10 with it, so the reported
-number is not the one the weight was fitted to. Ranked as search ranks: dense over the
-model's view of the texts, lexical by SQLite FTS5 BM25 over the full texts.
+number is not the one the weight was fitted to. Ranked and scored as search ranks: dense by
+cosine over the model's view of the texts, lexical by SQLite FTS5 BM25 over the full texts.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from memory.fusion import EQUAL_WEIGHT, RRF_K, hybrid_fusion
+from memory.fusion import EQUAL_WEIGHT, hybrid_fusion
 from memory.service import HYBRID_DEPTH, HYBRID_DEPTH_FACTOR
-from memory.store import rank_lexically
+from memory.store import score_lexically
 from memory.text import embedding_text
 
 METRICS = ("mrr@10", "recall@1", "recall@10")
@@ -59,8 +59,14 @@ def _rank_of(ranking: list[int], answer: int) -> int:
 
 def dense_rankings(query_vecs: np.ndarray, corpus_vecs: np.ndarray, depth: int = 100) -> list[list[int]]:
     """For each query, corpus indices by descending inner product (cosine for unit vectors)."""
+    return [[i for i, _ in ranking] for ranking in dense_scores(query_vecs, corpus_vecs, depth)]
+
+
+def dense_scores(query_vecs: np.ndarray, corpus_vecs: np.ndarray, depth: int = 100) -> list[list[tuple[int, float]]]:
+    """For each query, (corpus index, inner product) best first, `depth` deep."""
     scores = np.asarray(query_vecs, dtype=np.float32) @ np.asarray(corpus_vecs, dtype=np.float32).T
-    return np.argsort(-scores, axis=1, kind="stable")[:, :depth].tolist()
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+    return [[(int(i), float(row[i])) for i in ranked] for row, ranked in zip(scores, order, strict=True)]
 
 
 def heldout_task(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str], list[int]]:
@@ -82,11 +88,16 @@ def evaluate_encoder(encode: Callable[[list[str]], np.ndarray],
 
 
 class TaskRankings(NamedTuple):
-    """One retrieval task ranked both ways: corpus indices per query, and each query's answer."""
+    """One retrieval task ranked both ways: (corpus index, score) best first per query, and
+    each query's answer."""
 
-    dense: list[list[int]]
-    lexical: list[list[int]]
+    dense: list[list[tuple[int, float]]]
+    lexical: list[list[tuple[int, float]]]
     relevant: list[int]
+
+    def ranked(self, side: str) -> list[list[int]]:
+        """The corpus indices of one side's rankings ("dense" or "lexical"), best first."""
+        return [[i for i, _ in ranking] for ranking in getattr(self, side)]
 
 
 def split_validation(pairs: Sequence[T]) -> tuple[list[T], list[T]]:
@@ -96,8 +107,8 @@ def split_validation(pairs: Sequence[T]) -> tuple[list[T], list[T]]:
 
 
 def fused_rankings(task: TaskRankings, fusion_weight: float) -> list[list[int]]:
-    """Hybrid search's ranking of each query (weighted RRF of lexical and dense), DEPTH deep."""
-    return [[int(i) for i, _ in hybrid_fusion(lex, dense, fusion_weight, RRF_K, DEPTH)]
+    """Hybrid search's ranking of each query (memory/fusion.py), DEPTH deep."""
+    return [[int(i) for i, _ in hybrid_fusion(lex, dense, fusion_weight, DEPTH)]
             for lex, dense in zip(task.lexical, task.dense, strict=True)]
 
 
@@ -139,7 +150,7 @@ def task_rankings(encode: Callable[[list[str]], np.ndarray], pairs: Sequence[tup
     if not queries:
         return TaskRankings([], [], [])
     view = encode([embedding_text(t) for t in queries]), encode([embedding_text(t) for t in corpus])
-    return TaskRankings(dense_rankings(*view, depth), rank_lexically(corpus, queries, depth), relevant)
+    return TaskRankings(dense_scores(*view, depth), score_lexically(corpus, queries, depth), relevant)
 
 
 def fusion_report(validation: TaskRankings, test: TaskRankings) -> dict:
@@ -147,8 +158,8 @@ def fusion_report(validation: TaskRankings, test: TaskRankings) -> dict:
     (with that weight, and with equal weights): the lineage's `fusion` block."""
     weight = choose_fusion_weight(validation)
     return {"weight": weight, "validation": len(validation.relevant), "test": len(test.relevant),
-            "mrr@10": {"dense": ranking_metrics(test.dense, test.relevant)["mrr@10"],
-                       "lexical": ranking_metrics(test.lexical, test.relevant)["mrr@10"],
+            "mrr@10": {"dense": ranking_metrics(test.ranked("dense"), test.relevant)["mrr@10"],
+                       "lexical": ranking_metrics(test.ranked("lexical"), test.relevant)["mrr@10"],
                        "hybrid": hybrid_mrr(test, weight), "hybrid_equal": hybrid_mrr(test, EQUAL_WEIGHT)}}
 
 

@@ -1,6 +1,6 @@
-"""Hybrid search's fusion weight: weighted RRF, the weight chosen per model on held-out data,
-kept in the models table (migration 7), used by search, overridable in the config, shown
-by `gremlin models`."""
+"""Hybrid search's fusion: normalised scores combined by a weight, the weight chosen per model
+on held-out data, kept in the models table (migrations 7 and 8), used by search, overridable
+in the config, shown by `gremlin models`."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from agent_core import cli
 from agent_core.cli import main
 from config.errors import ConfigError
 from config.settings import load_settings
-from memory.fusion import RRF_K, hybrid_fusion, reciprocal_rank_fusion
+from memory.fusion import hybrid_fusion, normalised
 from memory.service import Memory
-from memory.store import MIGRATIONS, SCHEMA_VERSION, Store, rank_lexically, utc_now
+from memory.store import MIGRATIONS, SCHEMA_VERSION, Store, rank_lexically, score_lexically, utc_now
 from self_training.evaluate import (TaskRankings, calibrate_fusion, choose_fusion_weight, hybrid_mrr,
                                     split_validation)
 from tests.conftest import write_config
@@ -29,49 +29,72 @@ TARGET = ("modified billing/invoice.py\n+def total(lines):\n+    subtotal = sum(
           "+    return round(subtotal * VAT_RATE, 2)  # see FLAG_ZQKV_ENABLED\n")
 
 
-def plain_rrf(rankings, k=RRF_K, limit=None):
-    """The unweighted RRF that hybrid search used before weights (the reference)."""
-    scores = {}
-    for ranking in rankings:
-        for rank, item in enumerate(ranking, start=1):
-            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
-    fused = sorted(scores.items(), key=lambda pair: -pair[1])
-    return fused if limit is None else fused[:limit]
+def scored(ranking):
+    """A ranking of items as (item, score): 1.0 for the first, 0.1 less for each next."""
+    return [(item, 1.0 - 0.1 * rank) for rank, item in enumerate(ranking)]
 
 
-# -- weighted RRF ------------------------------------------------------------------------
+def task(dense, lexical, relevant) -> TaskRankings:
+    return TaskRankings([scored(r) for r in dense], [scored(r) for r in lexical], relevant)
 
 
-def test_equal_weight_is_exactly_plain_rrf_scores_order_and_ties():
-    lexical, dense = ["a", "b", "c", "d"], ["b", "e", "a", "f", "c"]
-    tie_lexical, tie_dense = ["x", "y"], ["y", "x"]  # a tie: lexical (first) wins
-    for lex, den in ((lexical, dense), (tie_lexical, tie_dense)):
-        assert hybrid_fusion(lex, den, 0.5) == plain_rrf([lex, den])
-        assert reciprocal_rank_fusion([lex, den]) == plain_rrf([lex, den])
-    assert [i for i, _ in hybrid_fusion(tie_lexical, tie_dense, 0.5)] == ["x", "y"]
+# -- the fusion: normalised scores, combined ----------------------------------------------
+
+
+def test_scores_are_min_max_normalised_and_combined_by_the_weight():
+    lexical = [("a", 12.0), ("b", 7.0), ("c", 2.0)]           # BM25: a 1.0, b 0.5, c 0.0
+    dense = [("b", 0.9), ("d", 0.5), ("a", 0.4)]              # cosine: b 1.0, d 0.2, a 0.0
+    assert normalised(lexical) == {"a": 1.0, "b": 0.5, "c": 0.0}
+    fused = dict(hybrid_fusion(lexical, dense, 0.5))
+    assert fused == pytest.approx({"a": 0.5, "b": 0.75, "c": 0.0, "d": 0.1})
+    assert [i for i, _ in hybrid_fusion(lexical, dense, 0.5)] == ["b", "a", "d", "c"]
+    assert hybrid_fusion(lexical, dense, 0.5, limit=2) == hybrid_fusion(lexical, dense, 0.5)[:2]
+    assert dict(hybrid_fusion(lexical, dense, 0.8))["b"] == pytest.approx(0.2 * 0.5 + 0.8)
+
+
+def test_one_match_or_equal_scores_count_as_best_and_the_best_in_both_scores_one():
+    assert normalised([("x", 3.0)]) == {"x": 1.0}
+    assert normalised([("x", 0.0), ("y", 0.0)]) == {"x": 1.0, "y": 1.0}
+    assert normalised([("x", float("nan")), ("y", 2.0), ("z", 1.0)]) == {"x": 0.0, "y": 1.0, "z": 0.0}
+    assert normalised([]) == {} and hybrid_fusion([], [], 0.5) == []
+    assert hybrid_fusion([("x", 5.0), ("y", 1.0)], [("x", 0.7), ("y", 0.1)], 0.3)[0] == ("x", 1.0)
+
+
+def test_a_tie_goes_to_the_lexical_ranking():
+    fused = hybrid_fusion([("x", 2.0), ("y", 1.0)], [("y", 0.9), ("x", 0.1)], 0.5)
+    assert [i for i, _ in fused] == ["x", "y"] and fused[0][1] == fused[1][1] == 0.5
 
 
 def test_weight_one_gives_the_dense_order_and_zero_the_lexical_order():
-    lexical, dense = ["a", "b", "c", "d"], ["d", "e", "c", "a"]
-    assert [i for i, _ in hybrid_fusion(lexical, dense, 1.0)][:len(dense)] == dense
-    assert [i for i, _ in hybrid_fusion(lexical, dense, 0.0)][:len(lexical)] == lexical
-    assert [i for i, _ in hybrid_fusion(lexical, dense, 0.5)][:2] != dense[:2]  # equal weights differ
+    lexical, dense = scored(["a", "b", "c", "d"]), scored(["d", "e", "c", "a"])
+    assert [i for i, _ in hybrid_fusion(lexical, dense, 1.0)][:len(dense)] == [i for i, _ in dense]
+    assert [i for i, _ in hybrid_fusion(lexical, dense, 0.0)][:len(lexical)] == [i for i, _ in lexical]
+    assert [i for i, _ in hybrid_fusion(lexical, dense, 0.5)][:2] != ["d", "e"]  # equal weights differ
     with pytest.raises(ValueError):
         hybrid_fusion(lexical, dense, 1.5)
+
+
+def test_a_clear_dense_lead_outweighs_a_close_lexical_one_where_ranks_alone_would_tie():
+    # Lexical puts a decoy a hair above the answer; dense puts the answer far above the decoy.
+    # Ranks alone (reciprocal-rank fusion) see first-and-second against second-and-first: a tie,
+    # which the decoy won. Scores see the margins.
+    lexical = [("decoy", 10.0), ("answer", 9.9), ("other", 1.0)]
+    dense = [("answer", 0.9), ("decoy", 0.2), ("other", 0.1)]
+    assert hybrid_fusion(lexical, dense, 0.5)[0][0] == "answer"
 
 
 # -- choosing the weight -------------------------------------------------------------------
 
 
-def test_grid_search_beats_equal_rrf_when_dense_is_right_and_lexical_wrong():
+def test_grid_search_beats_equal_weights_when_dense_is_right_and_lexical_wrong():
     # Query q's answer is document q: dense ranks it first, lexical ranks it third behind two decoys
-    # that dense ranks second, so equal-weight RRF puts a decoy first.
+    # that dense ranks second, so equal weights put a decoy first.
     dense = [[q, (q + 1) % 4, (q + 2) % 4, (q + 3) % 4] for q in range(4)]
     lexical = [[(q + 1) % 4, (q + 2) % 4, q] for q in range(4)]
-    task = TaskRankings(dense, lexical, [0, 1, 2, 3])
-    weight = choose_fusion_weight(task)
+    ranked = task(dense, lexical, [0, 1, 2, 3])
+    weight = choose_fusion_weight(ranked)
     assert weight > 0.5
-    assert hybrid_mrr(task, weight) == 1.0 > hybrid_mrr(task, 0.5)
+    assert hybrid_mrr(ranked, weight) == 1.0 > hybrid_mrr(ranked, 0.5)
 
 
 def test_a_gain_of_one_query_in_many_does_not_move_the_weight():
@@ -79,16 +102,16 @@ def test_a_gain_of_one_query_in_many_does_not_move_the_weight():
     # the others both agree. The best weight gains 1 query of 20: not beyond its standard error.
     dense = [[q, (q + 1) % 20, (q + 2) % 20] for q in range(20)]
     lexical = [[(q + 1) % 20, (q + 2) % 20, q] if q == 0 else [q, (q + 1) % 20] for q in range(20)]
-    task = TaskRankings(dense, lexical, list(range(20)))
-    assert hybrid_mrr(task, 1.0) > hybrid_mrr(task, 0.5)
-    assert choose_fusion_weight(task) == 0.5
-    clear = TaskRankings(dense, [[(q + 1) % 20, (q + 2) % 20, q] for q in range(20)], list(range(20)))
+    ranked = task(dense, lexical, list(range(20)))
+    assert hybrid_mrr(ranked, 1.0) > hybrid_mrr(ranked, 0.5)
+    assert choose_fusion_weight(ranked) == 0.5
+    clear = task(dense, [[(q + 1) % 20, (q + 2) % 20, q] for q in range(20)], list(range(20)))
     assert choose_fusion_weight(clear) > 0.5  # dense right on every query: it moves
 
 
 def test_ties_go_to_equal_weights():
     same = [[0, 1, 2], [1, 0, 2], [2, 1, 0]]
-    assert choose_fusion_weight(TaskRankings(same, same, [0, 1, 2])) == 0.5
+    assert choose_fusion_weight(task(same, same, [0, 1, 2])) == 0.5
     assert choose_fusion_weight(TaskRankings([], [], [])) == 0.5
 
 
@@ -118,28 +141,28 @@ def test_rank_lexically_ranks_as_lexical_search_does(store):
     ranked = rank_lexically(corpus, queries, 10)
     assert ranked[0][0] == 1  # holds "upload", "handler" and "retry" (porter stems)
     assert ranked[1] == [2] and ranked[2] == [] and ranked[3] == []
-    for query, ranking in zip(queries, ranked, strict=True):
-        assert [i - 1 for i, _ in store.lexical_search(query, 10)] == ranking
+    for query, ranking in zip(queries, score_lexically(corpus, queries, 10), strict=True):
+        assert [(i - 1, score) for i, score in store.lexical_search(query, 10)] == ranking
 
 
 # -- the weight in the models table, and search ------------------------------------------------
 
 
-def test_migration_7_keeps_models_and_leaves_them_uncalibrated(tmp_path: Path):
+def test_migrations_7_and_8_keep_models_and_leave_them_uncalibrated(tmp_path: Path):
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    for script in MIGRATIONS[:6]:
+    for script in MIGRATIONS[:7]:
         conn.executescript(script)
-    conn.execute("INSERT INTO models (id, path, created, status, lineage) VALUES ('m1', '/m1', ?, 'current', '{}')",
-                 (utc_now(),))
-    conn.execute("PRAGMA user_version=6")
+    conn.execute("INSERT INTO models (id, path, created, status, lineage, fusion_weight)"
+                 " VALUES ('m1', '/m1', ?, 'current', '{}', 0.8)", (utc_now(),))  # an RRF weight
+    conn.execute("PRAGMA user_version=7")
     conn.commit()
     conn.close()
     store = Store(path)
     try:
-        assert SCHEMA_VERSION == 7
+        assert SCHEMA_VERSION == 8
         model = store.get_model("m1")
-        assert model["status"] == "current" and model["fusion_weight"] is None
+        assert model["status"] == "current" and model["fusion_weight"] is None  # fuses equally now
         assert store.model_fusion_weight("m1") is None and store.model_fusion_weight("nope") is None
         store.register_model("m2", "/m2", "accepted", {}, fusion_weight=0.8)
         assert store.model_fusion_weight("m2") == 0.8
@@ -158,10 +181,10 @@ def test_search_uses_the_current_models_stored_weight(settings, store, embedder)
     store.register_model(embedder.model_id, str(embedder.path), "current", {}, fusion_weight=1.0)
     memory = _memory_with_lookalikes(settings, store, embedder)
     assert memory.fusion_weight == 1.0
-    dense = [h.id for h in memory.search(IDENTIFIER, k=5, mode="dense")]
-    lexical = [h.id for h in memory.search(IDENTIFIER, k=50, mode="lexical")]
-    assert [i for i, _ in hybrid_fusion(lexical, dense, 0.5, limit=5)] != dense  # equal weights would differ
-    assert [h.id for h in memory.search(IDENTIFIER, k=5, mode="hybrid")] == dense
+    dense = [(h.id, h.score) for h in memory.search(IDENTIFIER, k=50, mode="dense")]
+    lexical = [(h.id, h.score) for h in memory.search(IDENTIFIER, k=50, mode="lexical")]
+    assert hybrid_fusion(lexical, dense, 0.5, limit=5)[0][0] != dense[0][0]  # equal weights would differ
+    assert [h.id for h in memory.search(IDENTIFIER, k=5, mode="hybrid")] == [i for i, _ in dense[:5]]
 
 
 def test_configured_weight_overrides_the_stored_one(home, embedder):

@@ -1,4 +1,4 @@
-"""Hybrid search: SQLite FTS5 (BM25) kept in step with memories, fused with MiniLM by RRF."""
+"""Hybrid search: SQLite FTS5 (BM25) kept in step with memories, fused with MiniLM by score."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from agent_core.cli import main
 from memory.errors import MemoryLayerError
-from memory.fusion import reciprocal_rank_fusion
+from memory.fusion import hybrid_fusion
 from memory.service import SEARCH_MODES, EmptyQuery, Memory, SearchModeError
 from memory.store import MIGRATIONS, SCHEMA_VERSION, FileState, NewEvent, Store, utc_now
 from tests.conftest import REPO
@@ -129,18 +129,19 @@ def test_lexical_finds_an_exact_identifier_that_dense_ranks_low(memory):
     assert memory.search(IDENTIFIER, k=3)[0].id == target  # hybrid is the default
 
 
-def test_hybrid_is_the_rrf_union_and_finds_memories_without_a_vector(memory, store):
+def test_hybrid_is_the_fused_union_and_finds_memories_without_a_vector(memory, store):
     ids = [_add(memory, "code_diff", text, path) for path, text in LOOKALIKES.items()]
     unembedded = _add(memory, "failure", f"KeyError: {IDENTIFIER} missing from settings", "log", embed=False)
     assert [i for i, _ in store.memories_without_vector(memory.model_id)] == [unembedded]
-    dense = [h.id for h in memory.search(IDENTIFIER, k=50, mode="dense")]
-    lexical = [h.id for h in memory.search(IDENTIFIER, k=50, mode="lexical")]
-    assert unembedded not in dense and lexical == [unembedded]
+    dense = [(h.id, h.score) for h in memory.search(IDENTIFIER, k=50, mode="dense")]
+    lexical = [(h.id, h.score) for h in memory.search(IDENTIFIER, k=50, mode="lexical")]
+    assert unembedded not in dict(dense) and [i for i, _ in lexical] == [unembedded]
     hybrid = memory.search(IDENTIFIER, k=50, mode="hybrid")
     assert {h.id for h in hybrid} == set(ids) | {unembedded}
-    expected = [i for i, _ in reciprocal_rank_fusion([lexical, dense])]
+    expected = [i for i, _ in hybrid_fusion(lexical, dense, 0.5)]
     assert [h.id for h in hybrid] == expected
-    assert hybrid[0].score == 0.5 and all(0 < h.score <= 1 for h in hybrid)  # 0.5: first in one ranking
+    # 0.5: the best of one ranking (a tie with dense's best, which lexical's wins); dense's last scores 0
+    assert hybrid[0].score == hybrid[1].score == 0.5 and all(0 <= h.score <= 1 for h in hybrid)
     assert [h.id for h in memory.search(IDENTIFIER, k=3)] == expected[:3]
 
 
