@@ -243,3 +243,13 @@ def machine() -> str:
     except OSError:
         rev = "?"
     return f"{os.cpu_count()} CPUs, code {rev}"
+
+
+def raw_library_model(embedder):
+    """The raw library doing the embedder's work: a SentenceTransformer of the same folder, device
+    and max_seq_length (Gremlin serves through its lean encoder; baselines use this)."""
+    from memory.vector_store.embedder import MERGE_ADAPTER, load_sentence_model
+
+    model = load_sentence_model(embedder.path, embedder.device, merge=MERGE_ADAPTER)
+    model.max_seq_length = embedder.max_seq_length
+    return model.eval()

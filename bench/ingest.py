@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from _common import (BenchError, LoadMeter, add_common_options, configure_logging, machine, make_home, parse_sets,
-                     poll, print_table, verdict, warn_if_disturbed)
+                     poll, print_table, raw_library_model, verdict, warn_if_disturbed)
 from config.settings import load_settings
 from memory import service
 from memory.store import Store
@@ -172,7 +172,7 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def run_rounds(pipe: Pipeline, embedder: Embedder, files: list[Path], rng: random.Random,
+def run_rounds(pipe: Pipeline, embedder: Embedder, raw, files: list[Path], rng: random.Random,
                args: argparse.Namespace) -> list[Round]:
     """Several rounds of distinct edits to every file, each on an idle pipeline and each
     followed by plain encode of its view texts at each batch size."""
@@ -184,7 +184,7 @@ def run_rounds(pipe: Pipeline, embedder: Embedder, files: list[Path], rng: rando
             raise BenchError(f"round {number + 1}: {len(files)} edits made {len(result.ids)} memories")
         pipe.watcher.wait_idle(60)
         views = view_texts(pipe.store, result.ids)
-        result.raws = {size: raw_encode(embedder, views, size, args.raw_repeats)
+        result.raws = {size: raw_encode(raw, views, size, args.raw_repeats)
                        for size in sorted({embedder.batch_size, args.raw_batch_size})}
         logger.info("round %d: %.2f s, ratio %.2f", number + 1, result.seconds, result.ratio(embedder.batch_size))
         results.append(result)
@@ -198,12 +198,12 @@ def view_texts(store: Store, ids: list[int]) -> list[str]:
     return [embedding_text(memories[i]["text"]) for i in ids]
 
 
-def raw_encode(embedder: Embedder, texts: list[str], batch_size: int, repeats: int) -> Raw:
-    """Best time of plain SentenceTransformer.encode over `texts`, and other processes' CPU meanwhile."""
+def raw_encode(model, texts: list[str], batch_size: int, repeats: int) -> Raw:
+    """Best time of plain SentenceTransformer.encode (`model`) over `texts`, and other processes' CPU meanwhile."""
     best, meter = float("inf"), LoadMeter([os.getpid()])
     for _ in range(repeats):
         start = time.perf_counter()
-        embedder.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+        model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
         best = min(best, time.perf_counter() - start)
     return Raw(batch_size, best, meter.other_cores())
 
@@ -255,10 +255,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def warm_up(embedder: Embedder, rng: random.Random, batch_size: int) -> None:
-    """Load the model and run it once on texts shaped like the real ones."""
+def warm_up(models: list, rng: random.Random, batch_size: int) -> None:
+    """Run each loaded model once on texts shaped like the real ones."""
     texts = [source_file(rng)[:1500] for _ in range(64)]
-    embedder.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    for model in models:
+        model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
 
 
 def main() -> int:
@@ -274,15 +275,16 @@ def main() -> int:
         sections.setdefault("watch", {}).setdefault("debounce_ms", args.debounce_ms)
         settings = load_settings(make_home(Path(tmp).resolve(), watched, sections))
         embedder = Embedder.from_settings(settings)
-        warm_up(embedder, rng, embedder.batch_size)
+        raw = raw_library_model(embedder)  # the baseline: plain SentenceTransformer.encode
+        warm_up([embedder.model, raw], rng, embedder.batch_size)
         with open_pipeline(settings, embedder, args.sink) as pipe:
-            rounds = run_rounds(pipe, embedder, files, rng, args)
+            rounds = run_rounds(pipe, embedder, raw, files, rng, args)
             last = rounds[-1]
             memories = pipe.store.get_memories(last.ids)
             full = [memories[i]["text"] for i in last.ids]
             facts = (text_facts(embedder, view_texts(pipe.store, last.ids)), diff_facts(pipe.store, last.ids),
                      pipe.sink_name)
-        full_raw = raw_encode(embedder, full, embedder.batch_size, args.raw_repeats)
+        full_raw = raw_encode(raw, full, embedder.batch_size, args.raw_repeats)
     return report(args, settings, embedder, rounds, full_raw, facts)
 
 

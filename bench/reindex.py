@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench._common import machine, make_home, print_table, verdict  # noqa: E402
+from bench._common import machine, make_home, print_table, raw_library_model, verdict  # noqa: E402
 from bench._vectors import diff_texts  # noqa: E402
 from config.settings import load_settings  # noqa: E402
 from memory.service import build_index  # noqa: E402
@@ -72,8 +72,10 @@ def main() -> int:
         texts = [embedding_text(t) for t in fill(store, args.memories)]
         embedder = Embedder.from_settings(settings)
         embedder.encode(texts[:64])  # load and warm up
+        raw = raw_library_model(embedder)  # the baseline: plain SentenceTransformer.encode
+        raw.encode(texts[:64], batch_size=embedder.batch_size)
         started = time.perf_counter()
-        embedder.encode(texts)
+        raw.encode(texts, batch_size=embedder.batch_size, normalize_embeddings=True)
         plain = time.perf_counter() - started
         print(f"  plain encode: {plain:.1f} s")
         before = timed_build(settings, store, embedder, 256)
