@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from _common import (BenchError, LoadMeter, add_common_options, configure_logging, machine, make_home, parse_sets,
-                     poll, print_table, raw_library_model, verdict, warn_if_disturbed)
+                     print_table, raw_library_model, verdict, warn_if_disturbed)
 from config.settings import load_settings
 from memory import service
 from memory.store import Store
@@ -159,9 +159,10 @@ def timed_round(pipe: Pipeline, files: list[Path], texts: list[str], timeout: fl
     wall, start = time.time(), time.perf_counter()
     for path, text in zip(files, texts, strict=True):
         path.write_text(text, encoding="utf-8")
-    # every 50 ms: a finer poll wakes this process often enough to slow the encoder it times
-    # (by ~3% on 2 cores); the end is then up to 50 ms late, against the pipeline
-    poll(lambda: pipe.memory.index.ntotal >= target, timeout, 0.05, f"{len(files)} memories to be indexed")
+    # woken when vectors join the index: the end is timed to the moment (a poll would be late by
+    # up to its period, or, polled finely, slow the encoder it times)
+    if not pipe.memory.wait_indexed(target, timeout):
+        raise BenchError(f"{len(files)} memories were not indexed within {timeout} s")
     seconds = time.perf_counter() - start
     ids = [int(i) for i in pipe.store.memory_ids() if i > before]
     created = [_epoch(m["created"]) - wall for m in pipe.store.get_memories(ids).values()]

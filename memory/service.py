@@ -102,6 +102,7 @@ class Memory:
         # started before a swap finishes on the old model and index.
         self._embed_lock = threading.RLock()
         self._swap_lock = threading.Lock()
+        self._indexed = threading.Condition()  # notified whenever vectors join the live index
         if not store.readonly:
             store.register_model(embedder.model_id, str(embedder.path), "current",
                                  {"source": "base", "base_model": embedder.model_id})
@@ -142,7 +143,15 @@ class Memory:
             self.store.add_vectors(embedder.model_id, ids, vectors, shifts)
             index.add(ids, vectors)
             self.drift.add(shifts)
-            return len(ids)
+        with self._indexed:
+            self._indexed.notify_all()
+        return len(ids)
+
+    def wait_indexed(self, count: int, timeout: float) -> bool:
+        """Wait until the live index holds at least `count` vectors (True) or `timeout` passed
+        (False): what a caller timing ingest waits on, to the moment, without polling."""
+        with self._indexed:
+            return self._indexed.wait_for(lambda: self.current()[1].ntotal >= count, timeout)
 
     def current(self) -> tuple[Embedder, VectorIndex]:
         """The embedder and the index that belong together right now."""
@@ -175,6 +184,8 @@ class Memory:
             if old_index.dirty and not self.store.readonly:
                 old_index.save()  # kept on disk for an instant rollback
             self.catch_up()
+        with self._indexed:
+            self._indexed.notify_all()
         logger.info("search switched model", extra={"model_id": embedder.model_id, "index_size": index.ntotal,
                                                     "fusion_weight": weight})
 

@@ -95,6 +95,21 @@ def test_embed_queue_embeds_everything_submitted_before_stop(settings, store, em
     assert queue.waiting == 0 and queue.errors == 0
 
 
+def test_wait_indexed_wakes_when_the_queue_has_indexed_enough_and_times_out_otherwise(settings, store, embedder):
+    from memory.service import EmbedQueue
+
+    memory = Memory(settings, store, embedder)
+    assert memory.wait_indexed(0, timeout=0.01) and not memory.wait_indexed(1, timeout=0.05)
+    queue = EmbedQueue(memory)
+    queue.start()
+    try:
+        queue.submit(store.record_events(_events(DIFFS)))
+        assert memory.wait_indexed(4, timeout=60) and memory.index.ntotal == 4
+        assert not memory.wait_indexed(5, timeout=0.05)
+    finally:
+        queue.stop()
+
+
 def _spied_queue(memory, monkeypatch, texts: list[str]):
     """A started EmbedQueue given `texts` all at once, and the batches it encodes (in order)."""
     from memory import service
