@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from memory.vector_store.embedder import Embedder, load_sentence_model, load_serving_model, resolve_model_path
-from memory.vector_store.encoder import LeanEncoder, UnsupportedPipeline, read_pipeline
+from memory.vector_store.encoder import LeanEncoder, UnsupportedAdapter, UnsupportedPipeline, merge_lora, read_pipeline
 from self_training.finetune import TrainingSpec, fine_tune
 
 from tests.conftest import REPO
@@ -166,8 +166,27 @@ def test_a_lora_folder_is_served_lean_with_the_adapter_merged(tmp_path: Path):
     assert isinstance(lean, LeanEncoder)
     merged = reference(load_sentence_model(lora, "cpu", merge=True).eval(), 32)   # the serving path before
     vectors = lean.encode(TEXTS, batch_size=4)
-    assert np.abs(vectors - merged).max() < 1e-5
+    assert np.abs(vectors - merged).max() < 1e-5                  # merged by hand as peft merges
     assert np.abs(vectors - load_serving_model(BASE, "cpu", 32).encode(TEXTS, batch_size=4)).max() > 1e-3
+    probe = ("import sys; from memory.vector_store.embedder import load_serving_model as load; "
+             f"load({str(lora)!r}, 'cpu', 32).encode(['x']); print('peft' in sys.modules)")
+    served = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert served.stdout.split()[-1] == "False", served.stderr          # no peft in a daemon serving LoRA
+
+
+def test_an_adapter_merge_lora_does_not_cover_is_merged_by_peft(tmp_path: Path, caplog):
+    spec = TrainingSpec(method="lora", max_steps=1, batch_size=4, max_seq_length=32, device="cpu")
+    lora = tmp_path / "lora"
+    fine_tune([(f"rename the option number {i}", f"-opt{i} = 1\n+option{i} = 1") for i in range(8)], spec, BASE, lora)
+    expected = load_serving_model(lora, "cpu", 32).encode(TEXTS, batch_size=4)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": list(range(6))}))
+    with pytest.raises(UnsupportedAdapter, match="layers_to_transform"):
+        merge_lora(load_serving_model(BASE, "cpu", 32).model, lora)
+    with caplog.at_level(logging.INFO):
+        lean = load_serving_model(lora, "cpu", 32)                  # every layer named: the same adapter
+    assert isinstance(lean, LeanEncoder) and "LoRA adapter merged by peft" in caplog.text
+    assert np.abs(lean.encode(TEXTS, batch_size=4) - expected).max() < 1e-5
 
 
 RSS_PROBE = """

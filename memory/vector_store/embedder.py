@@ -22,8 +22,8 @@ import numpy as np
 
 from memory.errors import ModelError
 from memory.text import VIEW_VERSION
-from memory.vector_store.encoder import LeanEncoder, UnsupportedPipeline, load_tokenizer, load_transformer, \
-    read_pipeline
+from memory.vector_store.encoder import (LeanEncoder, UnsupportedAdapter, UnsupportedPipeline, load_tokenizer,
+                                         load_transformer, merge_lora, read_pipeline)
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,20 @@ def _load_lean(path: Path, source: Path, device: str, max_seq_length: int) -> Le
     tokenizer = load_tokenizer(pipeline)
     model = load_transformer(pipeline)
     if source != path:  # adapter keys were saved from ST's inner model: this same AutoModel class
-        model = _with_adapter(model, path, MERGE_ADAPTER, trainable=False)
+        model = _served_adapter(model, path)
     return LeanEncoder(model, tokenizer, pipeline, max_seq_length, device)
+
+
+def _served_adapter(model, path: Path):
+    """`model` with the LoRA adapter in `path` merged by hand (no peft in the daemon), or by peft
+    when it is one `merge_lora` does not cover (or MERGE_ADAPTER is off)."""
+    if MERGE_ADAPTER:
+        try:
+            merge_lora(model, path)
+            return model
+        except UnsupportedAdapter as exc:
+            logger.info("LoRA adapter merged by peft", extra={"model": str(path), "reason": str(exc)})
+    return _with_adapter(model, path, MERGE_ADAPTER, trainable=False)
 
 
 class Embedder:

@@ -14,6 +14,7 @@ SentenceTransformer instead.
 from __future__ import annotations
 
 import inspect
+import re
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -265,3 +266,47 @@ class LeanEncoder:
         tokens = self.model(**inputs, return_dict=True).last_hidden_state
         vectors = pool(tokens, features["attention_mask"].to(self.device), self.pipeline.pooling)
         return torch.nn.functional.normalize(vectors, p=2, dim=-1) if self.pipeline.normalize else vectors
+
+
+class UnsupportedAdapter(ModelError):
+    """A LoRA adapter this module does not merge by itself (peft merges it instead)."""
+
+
+# adapter_config.json values of a plain LoRA adapter: anything else is left to peft.
+_PLAIN_LORA = {"peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+
+
+def merge_lora(model, folder: Path) -> int:
+    """Merge the plain LoRA adapter in `folder` into `model`'s weights, W += B·A·(alpha/r), as
+    peft's merge_and_unload does, without importing peft (~140 MiB resident); returns the
+    layers changed. UnsupportedAdapter for DoRA, biases, extra modules, patterns, rsLoRA-like
+    variants peft would treat otherwise."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = _read_json(Path(folder) / "adapter_config.json")
+    odd = [k for k, v in _PLAIN_LORA.items() if config.get(k, v) != v]
+    odd += [k for k in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
+                        "trainable_token_indices") if config.get(k)]
+    if odd or not isinstance(config.get("r"), int) or config["r"] <= 0:
+        raise UnsupportedAdapter(f"adapter_config.json sets {odd or ['r']}")
+    rank = config["r"]
+    scale = config.get("lora_alpha", rank) / (rank ** 0.5 if config.get("use_rslora") else rank)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(Path(folder) / "adapter_model.safetensors")).items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise UnsupportedAdapter(f"adapter weight {key} is not a LoRA A/B matrix")
+        pairs.setdefault(match["module"], {})[match["side"]] = tensor
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, sides in pairs.items():
+            layer = modules.get(name)
+            if not isinstance(layer, torch.nn.Linear) or set(sides) != {"A", "B"}:
+                raise UnsupportedAdapter(f"adapter layer {name} is not a linear layer with A and B")
+            delta = (sides["B"].float() @ sides["A"].float()) * scale
+            if delta.shape != layer.weight.shape:
+                raise UnsupportedAdapter(f"adapter layer {name}: {tuple(delta.shape)} for {tuple(layer.weight.shape)}")
+            layer.weight += delta.to(layer.weight.dtype)
+    return len(pairs)
