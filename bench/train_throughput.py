@@ -76,10 +76,14 @@ def ours(pairs, spec: TrainingSpec, base: Path, out: Path) -> dict:
 
 
 def plain(pairs, spec: TrainingSpec, base: Path, out: Path, device: str, precision: str) -> dict:
-    """The plain script: SentenceTransformerTrainer + MultipleNegativesRankingLoss, nothing else."""
+    """The plain script: SentenceTransformerTrainer + MultipleNegativesRankingLoss (its cached
+    variant when the spec has a mini-batch), nothing else."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
     from transformers.trainer_callback import PrinterCallback
 
     model = SentenceTransformer(str(base), device=device, local_files_only=True)
@@ -90,8 +94,9 @@ def plain(pairs, spec: TrainingSpec, base: Path, out: Path, device: str, precisi
         learning_rate=spec.learning_rate, warmup_steps=spec.warmup_ratio, seed=spec.seed,
         fp16=precision == "fp16", bf16=precision == "bf16", use_cpu=device == "cpu", save_strategy="no",
         report_to="none", disable_tqdm=True)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                         loss=MultipleNegativesRankingLoss(model))
+    loss = (CachedMultipleNegativesRankingLoss(model, mini_batch_size=spec.mini_batch_size) if spec.mini_batch_size
+            else MultipleNegativesRankingLoss(model))
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss)
     trainer.remove_callback(PrinterCallback)  # it only prints the final log line
     started = time.perf_counter()
     output = trainer.train()
@@ -113,6 +118,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chars", type=int, default=4000, help="characters of each text (repository pairs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
+    parser.add_argument("--mini-batch-size", type=int, default=0,
+                        help="> 0: both sides use CachedMultipleNegativesRankingLoss with this mini-batch "
+                             "(large batches in little memory); 0 = MultipleNegativesRankingLoss")
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, alternating order (default 2)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json-out", type=Path, default=None, help="also write the results as JSON here")
@@ -130,7 +138,7 @@ def main() -> int:
         synthetic_pairs(args.pairs, args.max_seq_length, args.seed)
     steps = args.steps or max(1, len(pairs) // args.batch_size)
     spec = TrainingSpec(max_steps=steps, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-                        device=device, precision=precision, seed=args.seed)
+                        device=device, precision=precision, seed=args.seed, mini_batch_size=args.mini_batch_size)
     base = resolve_model_path("", REPO)
     runs: dict[str, list[dict]] = {"plain": [], "ours": []}
     meter = LoadMeter([os.getpid()])
@@ -149,6 +157,8 @@ def main() -> int:
     print_table("training throughput (pairs/s)", rows,
                 ("trainer", *(f"run {i + 1}" for i in range(args.repeats)), "best"))
     print_table("setup", [("pairs", f"{len(pairs)} {'from ' + str(args.repo) if args.repo else 'synthetic'}"),
+                          ("loss", f"CachedMNRL, mini-batch {args.mini_batch_size}" if args.mini_batch_size
+                           else "MultipleNegativesRankingLoss"),
                           ("training", f"{steps} steps × batch {args.batch_size}, max_seq_length "
                                        f"{args.max_seq_length}, {device} ({precision})"),
                           ("ratio ours / plain", f"{ratio:.3f} (target >= {TARGET_RATIO})"),
