@@ -231,3 +231,21 @@ def test_models_show_and_list_print_the_weight(home, store, monkeypatch):
     assert "0.85" in listed and "0.50 (equal)" in listed
     as_json = json.loads(runner.invoke(main, ["--home", str(home), "models", "list", "--json"]).output)
     assert {m["id"]: m["fusion_weight"] for m in as_json} == {"run-calibrated": 0.85, "run-plain": None}
+
+
+def test_over_the_lexical_budget_hybrid_credits_the_newest_matches_by_recency(home, embedder):
+    # A budget of 1 posting: "retry" is in every memory, so lexical search lists the newest
+    # matches unscored (score 0.0); fused lexical-only, they keep that order, newest first.
+    write_config(home, watch={"roots": [], "own_source": False}, memory={"fusion_weight": 0.0, "lexical_budget": 1})
+    settings = load_settings(home)
+    store = Store(settings.memory.db)
+    try:
+        memory = Memory(settings, store, embedder)
+        ids = [store.add_memory("log", f"retry number {n} of the upload") for n in range(4)]
+        memory.embed_memories([(i, f"retry number {n} of the upload") for n, i in enumerate(ids)])
+        lexical = store.lexical_search("retry", 10, budget=1)
+        assert [i for i, _ in lexical] == ids[::-1] and {s for _, s in lexical} == {0.0}
+        hybrid = memory.search("retry", k=4, mode="hybrid")
+        assert [h.id for h in hybrid] == ids[::-1] and hybrid[0].score == 1.0 > hybrid[1].score > hybrid[3].score
+    finally:
+        store.close()
