@@ -129,11 +129,16 @@ def adapter_base_path(path: Path) -> Path:
     return base
 
 
+def weights_source(path: Path) -> Path:
+    """The folder whose full weights a model in `path` starts from: its LoRA base, or itself."""
+    return adapter_base_path(path) if is_adapter(path) else Path(path)
+
+
 def load_sentence_model(path: Path, device: str, merge: bool = False, trainable: bool = False):
     """A SentenceTransformer from a full model folder, or from base + adapter for a LoRA folder."""
     from sentence_transformers import SentenceTransformer
 
-    source = adapter_base_path(path) if is_adapter(path) else Path(path)
+    source = weights_source(path)
     try:
         model = SentenceTransformer(str(source), device=device, local_files_only=True)
         if source != Path(path):
@@ -160,7 +165,7 @@ def _with_adapter(transformer, path: Path, merge: bool, trainable: bool):
 def load_serving_model(path: Path, device: str, max_seq_length: int):
     """The lean encoder for a standard sentence-transformers folder (a LoRA one merged into its base),
     else the full SentenceTransformer, in eval mode."""
-    source = adapter_base_path(path) if is_adapter(path) else Path(path)
+    source = weights_source(path)
     try:
         return _load_lean(Path(path), source, device, max_seq_length)
     except UnsupportedPipeline as exc:
