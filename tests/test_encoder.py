@@ -6,11 +6,13 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from memory.vector_store.bert import BertEncoder, BertTokenizer, load_bert, read_config, read_safetensors
 from memory.vector_store.embedder import Embedder, load_sentence_model, load_serving_model, resolve_model_path
 from memory.vector_store.encoder import LeanEncoder, UnsupportedAdapter, UnsupportedPipeline, merge_lora, read_pipeline
 from self_training.finetune import TrainingSpec, fine_tune
@@ -22,7 +24,7 @@ TEXTS = ["", "   whitespace around   ", "\ttabs\nand newlines\n", "héllo wörld
          "short", "MiXeD CaSe Words", "def retry(n):\n    return n + 3  # bump the limit",
          "a longer sentence about the worker that retries three times before it gives up " * 3,
          "tokens beyond any limit " * 200]
-HEAVY = ("sentence_transformers", "sklearn", "datasets", "pandas", "transformers.trainer")
+HEAVY = ("sentence_transformers", "sklearn", "datasets", "pandas", "transformers", "torch._dynamo", "sympy")
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +42,19 @@ def reference(model, max_seq_length: int, texts=TEXTS) -> np.ndarray:
 
 
 def variant(tmp_path: Path, name: str, pooling: dict | None = None, modules: list | None = None,
-            sbert: dict | None = None) -> Path:
-    """A copy of the packaged model (files linked, not copied) with another pooling config, modules.json
-    or sentence_bert_config.json."""
+            sbert: dict | None = None, config: dict | None = None, tokenizer: dict | None = None) -> Path:
+    """A copy of the packaged model (files linked, not copied) with another pooling config, modules.json,
+    sentence_bert_config.json, or config.json / tokenizer_config.json keys changed."""
     folder = tmp_path / name
     for source in BASE.rglob("*"):
         if source.is_file():
             target = folder / source.relative_to(BASE)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(source)
-    changed = {"1_Pooling/config.json": pooling, "modules.json": modules, "sentence_bert_config.json": sbert}
+    changed = {"1_Pooling/config.json": pooling, "modules.json": modules, "sentence_bert_config.json": sbert,
+               "config.json": config and {**json.loads((BASE / "config.json").read_text()), **config},
+               "tokenizer_config.json": tokenizer and {**json.loads((BASE / "tokenizer_config.json").read_text()),
+                                                       **tokenizer}}
     for relative, content in changed.items():
         if content is not None:
             (folder / relative).unlink()
@@ -61,6 +66,7 @@ def variant(tmp_path: Path, name: str, pooling: dict | None = None, modules: lis
 def test_lean_vectors_are_sentence_transformers_vectors(full, max_seq_length: int):
     lean = load_serving_model(BASE, "cpu", max_seq_length)
     assert isinstance(lean, LeanEncoder) and lean.dim == 384 and lean.device.type == "cpu"
+    assert isinstance(lean.model, BertEncoder) and isinstance(lean.tokenizer, BertTokenizer)   # no transformers
     vectors = lean.encode(TEXTS, batch_size=4)                       # batches of sorted lengths, order restored
     assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 384)
     assert np.abs(vectors - reference(full, max_seq_length)).max() < 1e-5
@@ -96,6 +102,7 @@ def test_do_lower_case_puts_the_same_lowercase_normaliser_in_front(tmp_path: Pat
     lean, full = load_serving_model(folder, "cpu", 64), SentenceTransformer(str(folder), device="cpu")
     assert isinstance(lean, LeanEncoder)
     normalizer = lean.tokenizer.backend_tokenizer.normalizer
+    assert isinstance(lean.tokenizer, BertTokenizer)
     assert repr(normalizer) == repr(full.tokenizer.backend_tokenizer.normalizer)
     assert isinstance(list(normalizer)[0], Lowercase)
     assert np.abs(lean.encode(TEXTS, batch_size=4) - reference(full, 64)).max() < 1e-5
@@ -115,6 +122,115 @@ def test_a_saved_model_goes_through_the_lean_path(tmp_path: Path, full):
     lean = load_serving_model(saved, "cpu", 128)
     assert isinstance(lean, LeanEncoder)
     assert np.abs(lean.encode(TEXTS, batch_size=4) - reference(full, 128)).max() < 1e-5
+
+
+@pytest.mark.parametrize("prefix, dtype", [("", "float32"), ("bert.", "float16")])
+def test_our_bert_gives_the_hidden_states_transformers_gives(tmp_path: Path, prefix: str, dtype: str):
+    """bert.py against transformers' BertModel on the same weights file: as saved by ST, and saved
+    from a BertFor... model ("bert." names) in float16."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = variant(tmp_path, "weights")
+    (folder / "model.safetensors").unlink()
+    save_file({prefix + name: tensor.to(getattr(torch, dtype))
+               for name, tensor in load_file(str(BASE / "model.safetensors")).items()}, str(folder / "model.safetensors"))
+    ours = load_bert(read_pipeline(folder))
+    theirs = AutoModel.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+    features = AutoTokenizer.from_pretrained(str(folder))(TEXTS, padding=True, truncation=True, max_length=64,
+                                                          return_tensors="pt")
+    with torch.inference_mode():
+        difference = (ours(**features).last_hidden_state - theirs(**features).last_hidden_state).abs()
+    assert difference[features["attention_mask"].bool()].max() < 1e-5      # every real token
+    assert features["attention_mask"].min() == 0                            # a padded batch
+
+
+def test_float32_weights_stay_in_the_mapped_file():
+    """No copy of the weights: float32 tensors point into the map of model.safetensors."""
+    model = load_bert(read_pipeline(BASE))
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    files = [(int(m[0].split("-")[0], 16), int(m[0].split("-")[1], 16), m[-1]) for m in maps if len(m) == 6]
+
+    def mapped_file(tensor) -> str | None:
+        return next((name for low, high, name in files if low <= tensor.data_ptr() < high), None)
+
+    assert {mapped_file(p) for p in model.parameters()} == {str(BASE / "model.safetensors")}
+
+
+def test_a_bert_we_do_not_mirror_is_served_through_transformers(tmp_path: Path, caplog):
+    from sentence_transformers import SentenceTransformer
+
+    folder = variant(tmp_path, "tanh", config={"hidden_act": "gelu_new"})
+    with pytest.raises(UnsupportedPipeline, match="hidden_act"):
+        read_config(folder)
+    with caplog.at_level(logging.INFO, logger="memory.vector_store.embedder"):
+        lean = load_serving_model(folder, "cpu", 64)
+    assert isinstance(lean, LeanEncoder) and not isinstance(lean.model, BertEncoder)
+    assert "model served through transformers" in caplog.text
+    expected = reference(SentenceTransformer(str(folder), device="cpu"), 64)
+    assert np.abs(lean.encode(TEXTS, batch_size=4) - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("change, reason", [({"model_type": "roberta"}, "model_type"),
+                                            ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+                                            ({"is_decoder": True}, "is_decoder"),
+                                            ({"hidden_size": 383}, "multiple")])
+def test_configs_bert_py_does_not_run_are_named(tmp_path: Path, change: dict, reason: str):
+    with pytest.raises(UnsupportedPipeline, match=reason):
+        read_config(variant(tmp_path, "odd", config=change))
+
+
+def test_a_tokenizer_config_that_disagrees_with_tokenizer_json_goes_to_transformers(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    folder = variant(tmp_path, "cased", tokenizer={"do_lower_case": False})
+    lean = load_serving_model(folder, "cpu", 64)
+    assert not isinstance(lean.tokenizer, BertTokenizer) and not isinstance(lean.model, BertEncoder)
+    expected = AutoTokenizer.from_pretrained(str(folder))(TEXTS, truncation=True, max_length=64)["input_ids"]
+    assert lean.tokenizer(TEXTS, truncation=True, max_length=64)["input_ids"] == expected
+
+
+def test_unreadable_or_incomplete_weights_are_unsupported_not_a_crash(tmp_path: Path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    with pytest.raises(UnsupportedPipeline, match="unreadable"):
+        read_safetensors(bad, ["embeddings.word_embeddings.weight"])
+    bad.write_bytes(b"")
+    with pytest.raises(UnsupportedPipeline, match="model.safetensors"):
+        read_safetensors(bad, ["embeddings.word_embeddings.weight"])
+    with pytest.raises(UnsupportedPipeline, match="lacks.*layer.9"):
+        read_safetensors(BASE / "model.safetensors", ["encoder.layer.9.output.dense.weight"])
+
+
+def test_the_tokenizer_is_safe_to_share_between_threads():
+    """Token counting (the watcher) and padded batches (the embed worker) at once: the backend's
+    truncation and padding settings are per call."""
+    import torch
+
+    tokenizer = load_serving_model(BASE, "cpu", 32).tokenizer
+    texts = TEXTS * 20
+    counts = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=32)["input_ids"]]
+    padded = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+    wrong: list[str] = []
+
+    def count() -> None:
+        for _ in range(150):
+            if [len(ids) for ids in tokenizer(texts, truncation=True, max_length=32)["input_ids"]] != counts:
+                wrong.append("counts")
+
+    def pad() -> None:
+        for _ in range(150):
+            if not torch.equal(tokenizer(texts, padding=True, truncation=True, max_length=16,
+                                         return_tensors="pt")["input_ids"], padded):
+                wrong.append("padded")
+
+    threads = [threading.Thread(target=work) for work in (count, pad)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_a_dense_module_falls_back_to_sentence_transformers(tmp_path: Path, full, caplog):

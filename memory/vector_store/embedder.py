@@ -22,8 +22,8 @@ import numpy as np
 
 from memory.errors import ModelError
 from memory.text import VIEW_VERSION
-from memory.vector_store.encoder import (LeanEncoder, UnsupportedAdapter, UnsupportedPipeline, load_tokenizer,
-                                         load_transformer, merge_lora, read_pipeline)
+from memory.vector_store.encoder import (LeanEncoder, Pipeline, UnsupportedAdapter, UnsupportedPipeline,
+                                         load_tokenizer, load_transformer, merge_lora, read_pipeline)
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,9 @@ def load_serving_model(path: Path, device: str, max_seq_length: int):
         logger.info("model needs the full sentence-transformers stack", extra={"model": str(path), "reason": str(exc)})
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model at {path}: {exc}") from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model = load_sentence_model(path, device, merge=MERGE_ADAPTER)
     model.max_seq_length = max_seq_length
     return model.eval()
@@ -181,23 +184,34 @@ def _load_lean(path: Path, source: Path, device: str, max_seq_length: int) -> Le
     """The pipeline of `source` as a LeanEncoder, with the adapter in `path` when that is a LoRA folder
     (the pipeline and tokenizer are the base's, as when ST loads the base and wraps its transformer)."""
     pipeline = read_pipeline(source)
-    tokenizer = load_tokenizer(pipeline)
-    model = load_transformer(pipeline)
+    try:
+        model, tokenizer = _load_bert(pipeline)
+    except UnsupportedPipeline as exc:
+        logger.info("model served through transformers", extra={"model": str(source), "reason": str(exc)})
+        tokenizer, model = load_tokenizer(pipeline), load_transformer(pipeline)
     if source != path:  # adapter keys were saved from ST's inner model: this same AutoModel class
-        model = _served_adapter(model, path)
+        model = _served_adapter(model, pipeline, path)
     return LeanEncoder(model, tokenizer, pipeline, max_seq_length, device)
 
 
-def _served_adapter(model, path: Path):
+def _load_bert(pipeline: Pipeline):
+    """The pipeline's BERT and tokenizer without transformers (memory/vector_store/bert.py)."""
+    from memory.vector_store.bert import load_bert, load_bert_tokenizer
+
+    return load_bert(pipeline), load_bert_tokenizer(pipeline)
+
+
+def _served_adapter(model, pipeline: Pipeline, path: Path):
     """`model` with the LoRA adapter in `path` merged by hand (no peft in the daemon), or by peft
-    when it is one `merge_lora` does not cover (or MERGE_ADAPTER is off)."""
+    when it is one `merge_lora` does not cover (or MERGE_ADAPTER is off): peft wraps a fresh
+    transformers model (not one `merge_lora` may have changed in part, nor our own BERT)."""
     if MERGE_ADAPTER:
         try:
             merge_lora(model, path)
             return model
         except UnsupportedAdapter as exc:
             logger.info("LoRA adapter merged by peft", extra={"model": str(path), "reason": str(exc)})
-    return _with_adapter(model, path, MERGE_ADAPTER, trainable=False)
+    return _with_adapter(load_transformer(pipeline), path, MERGE_ADAPTER, trainable=False)
 
 
 class Embedder:
@@ -230,9 +244,6 @@ class Embedder:
         return self._model
 
     def _load(self):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         device = choose_device(self.requested_device)
         model = load_serving_model(self.path, device, self.max_seq_length)
         logger.info("model loaded", extra={"model_id": self.model_id, "device": device,

@@ -57,7 +57,7 @@ class Pipeline:
     do_lower_case: bool
 
 
-def _read_json(path: Path) -> dict | list:
+def read_json(path: Path) -> dict | list:
     """The JSON in `path`; UnsupportedPipeline when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf8"))
@@ -81,7 +81,7 @@ def read_pipeline(folder: Path) -> Pipeline:
     folder = Path(folder)
     if not (folder / "modules.json").is_file():
         raise UnsupportedPipeline("no modules.json")
-    modules = _read_json(folder / "modules.json")
+    modules = read_json(folder / "modules.json")
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise UnsupportedPipeline("modules.json is not a list of modules")
     modules = sorted(modules, key=lambda m: m.get("idx", 0))
@@ -101,7 +101,7 @@ def read_pipeline(folder: Path) -> Pipeline:
 def _read_sbert_config(transformer_dir: Path) -> dict:
     """sentence_bert_config.json ({} when absent); UnsupportedPipeline for settings not mirrored here."""
     path = transformer_dir / "sentence_bert_config.json"
-    config = _read_json(path) if path.is_file() else {}
+    config = read_json(path) if path.is_file() else {}
     if not isinstance(config, dict):
         raise UnsupportedPipeline("sentence_bert_config.json is not an object")
     extra = sorted(key for key, value in config.items() if key not in _HARMLESS_SBERT_KEYS and value)
@@ -117,7 +117,7 @@ def _read_sbert_config(transformer_dir: Path) -> dict:
 
 def _check_model_config(transformer_dir: Path) -> None:
     """UnsupportedPipeline for models ST loads specially: encoder-decoders, remote code, processors."""
-    config = _read_json(transformer_dir / "config.json")
+    config = read_json(transformer_dir / "config.json")
     if not isinstance(config, dict) or config.get("is_encoder_decoder") or config.get("auto_map"):
         raise UnsupportedPipeline("config.json names an encoder-decoder or remote-code model")
     if any((transformer_dir / name).is_file() for name in _PROCESSOR_FILES):
@@ -127,7 +127,7 @@ def _check_model_config(transformer_dir: Path) -> None:
 def _check_prompts(folder: Path) -> None:
     """UnsupportedPipeline when encode() would prepend a default prompt or the model is not a SentenceTransformer."""
     path = folder / "config_sentence_transformers.json"
-    config = _read_json(path) if path.is_file() else {}
+    config = read_json(path) if path.is_file() else {}
     if not isinstance(config, dict) or config.get("model_type", "SentenceTransformer") != "SentenceTransformer":
         raise UnsupportedPipeline("config_sentence_transformers.json is not a SentenceTransformer's")
     name = config.get("default_prompt_name")
@@ -137,7 +137,7 @@ def _check_prompts(folder: Path) -> None:
 
 def _check_normalize(path: Path) -> None:
     """UnsupportedPipeline when the Normalize module works on anything but the sentence embedding."""
-    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     if not isinstance(config, dict) or config.get("module_input_name", "sentence_embedding") != "sentence_embedding" \
             or config.get("module_output_name", "sentence_embedding") != "sentence_embedding":
         raise UnsupportedPipeline("Normalize does not act on the sentence embedding")
@@ -145,7 +145,7 @@ def _check_normalize(path: Path) -> None:
 
 def read_pooling(path: Path) -> tuple[str, ...]:
     """The pooling modes of the Pooling config in `path` (legacy `pooling_mode_*` flags converted as ST does)."""
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     if not isinstance(config, dict):
         raise UnsupportedPipeline("the pooling config is not an object")
     mode = config.get("pooling_mode")
@@ -159,36 +159,38 @@ def read_pooling(path: Path) -> tuple[str, ...]:
 
 
 def load_tokenizer(pipeline: Pipeline):
-    """The folder's tokenizer, with ST's Lowercase normaliser in front when do_lower_case is set."""
+    """The folder's tokenizer through transformers, with ST's Lowercase normaliser in front when
+    do_lower_case is set."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(pipeline.transformer_dir), local_files_only=True)
     if pipeline.do_lower_case:
-        _prepend_lowercase(tokenizer)
+        if not tokenizer.is_fast:
+            raise UnsupportedPipeline("do_lower_case with a slow tokenizer")
+        tokenizer.backend_tokenizer.normalizer = with_lowercase(tokenizer.backend_tokenizer.normalizer)
     return tokenizer
 
 
-def _prepend_lowercase(tokenizer) -> None:
-    """What ST 6's Transformer does for do_lower_case: a Lowercase normaliser before the tokenizer's own."""
+def with_lowercase(normalizer):
+    """What ST 6's Transformer does for do_lower_case: `normalizer` with a Lowercase in front
+    (unchanged when it already lowercases)."""
     from tokenizers.normalizers import Lowercase
     from tokenizers.normalizers import Sequence as NormalizerSequence
 
-    if not tokenizer.is_fast:
-        raise UnsupportedPipeline("do_lower_case with a slow tokenizer")
-    normalizer = tokenizer.backend_tokenizer.normalizer
     if isinstance(normalizer, Lowercase) or (isinstance(normalizer, NormalizerSequence)
                                              and any(isinstance(n, Lowercase) for n in normalizer)):
-        return
-    chain = [Lowercase(), *(list(normalizer) if isinstance(normalizer, NormalizerSequence)
-                            else [normalizer] if normalizer is not None else [])]
-    tokenizer.backend_tokenizer.normalizer = NormalizerSequence(chain)
+        return normalizer
+    return NormalizerSequence([Lowercase(), *(list(normalizer) if isinstance(normalizer, NormalizerSequence)
+                                              else [normalizer] if normalizer is not None else [])])
 
 
 def load_transformer(pipeline: Pipeline):
     """The Hugging Face model of the pipeline, float32 on the CPU (what ST's AutoModel load gives)."""
     import torch
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     return AutoModel.from_pretrained(str(pipeline.transformer_dir), dtype=torch.float32, local_files_only=True)
 
 
@@ -285,7 +287,7 @@ def merge_lora(model, folder: Path) -> int:
     import torch
     from safetensors.torch import load_file
 
-    config = _read_json(Path(folder) / "adapter_config.json")
+    config = read_json(Path(folder) / "adapter_config.json")
     odd = [k for k, v in _PLAIN_LORA.items() if config.get(k, v) != v]
     odd += [k for k in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
                         "trainable_token_indices") if config.get(k)]
