@@ -13,11 +13,13 @@ from pathlib import Path
 
 
 def write_bytes_atomically(path: Path, data: bytes | memoryview, mode: int | None = None,
-                           parents: bool = True, sync_dir: bool = True) -> None:
+                           parents: bool = True, sync_dir: bool = True, sync: bool = True) -> None:
     """Replace `path` with `data` in one step; `mode` sets its permission bits before the
     switch, so no reader sees the file with the wrong ones. `parents=False`: the caller
     knows the folder exists; `sync_dir=False`: the caller can live with the switch being
-    undone by a power cut (the file's content is durable before it has its name)."""
+    undone by a power cut (the file's content is durable before it has its name);
+    `sync=False`: nothing is fsynced, and the caller checks what it reads back (after a
+    power cut the file may be there with its name but not its content)."""
     path = Path(path)
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,12 +30,13 @@ def write_bytes_atomically(path: Path, data: bytes | memoryview, mode: int | Non
             handle.flush()
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if sync_dir:
+    if sync and sync_dir:
         fsync_dir(path.parent)
 
 

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 DIFF_TIMEOUT_S = 30
 DIFF_FARM_PREFIX = ".diff-"  # folders of links for one batched diff, inside the shadow store
 BINARY_SNIFF_BYTES = 8192
+REDACTED_MARK = b"[REDACTED:"  # in every redacted shadow copy (redact.py's marker)
 
 
 class DiffError(GremlinError):
@@ -94,7 +95,12 @@ def decode_text(data: bytes) -> tuple[str, bool]:
 
 class ShadowStore:
     """The last seen content of each text file, under the sha256 of the file's content:
-    `<root>/<sha[:2]>/<sha[2:]>`. Secrets in it are redacted (`ChangeDetector.shadow_copy`)."""
+    `<root>/<sha[:2]>/<sha[2:]>`. Secrets in it are redacted (`ChangeDetector.shadow_copy`).
+
+    A copy that is its file's content verbatim (nearly all) is its own checksum, so it is
+    written without fsync and checked when read; a power cut can then leave it damaged, and
+    `has` drops it (the next diff of that file says `previous_unknown`), never diffs against
+    it. A redacted copy cannot be checked so: it is fsynced before it gets its name."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -105,25 +111,41 @@ class ShadowStore:
         return self.root / sha[:2] / sha[2:]
 
     def has(self, sha: str | None) -> bool:
-        """Whether the blob of `sha` is stored."""
-        return bool(sha) and self.path(sha).is_file()
+        """Whether an intact copy of `sha` is stored (a damaged one is removed, with a warning)."""
+        if not sha:
+            return False
+        path = self.path(sha)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return False
+        if sha256_bytes(data) == sha or REDACTED_MARK in data:
+            return True
+        logger.warning("shadow copy damaged (cut off by a power failure?), dropped; the next diff "
+                       "of its file says previous_unknown", extra={"path": str(path)})
+        path.unlink(missing_ok=True)
+        return False
 
     def put(self, data: bytes, sha: str | None = None) -> str:
-        """Store `data` once (atomically) and return its sha256.
-
-        The copy's content is fsynced before it gets its name, but its folder is not: a power
-        cut can lose only the whole copy (the next diff of that file then says
-        `previous_unknown`), never leave a wrong one; a third less file system time per change."""
-        sha = sha or sha256_bytes(data)
+        """Store `data` once (atomically) as the copy of `sha` (default: its own sha256) and
+        return that sha; fsynced only when `data` is not its own checksum (redacted). No
+        folder fsync: a power cut can lose the copy, which `has` then reports missing; that
+        is a third less file system time per change."""
+        own = sha256_bytes(data)
+        sha = sha or own
         if not self.has(sha):
             if sha[:2] not in self._fans:
                 self._make_fan(sha[:2])
             try:
-                write_bytes_atomically(self.path(sha), data, parents=False, sync_dir=False)
+                self._write(sha, data, sync=own != sha)
             except FileNotFoundError:  # its folder was removed under us
                 self._make_fan(sha[:2])
-                write_bytes_atomically(self.path(sha), data, parents=False, sync_dir=False)
+                self._write(sha, data, sync=own != sha)
         return sha
+
+    def _write(self, sha: str, data: bytes, sync: bool) -> None:
+        """Write the copy of `sha` under its name, fsynced if `sync`."""
+        write_bytes_atomically(self.path(sha), data, parents=False, sync_dir=False, sync=sync)
 
     def _make_fan(self, fan: str) -> None:
         if not self.root.exists():  # copies of watched files: only Gremlin's user may read them

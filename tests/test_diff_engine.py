@@ -123,6 +123,45 @@ def test_prune_removes_the_link_folders_a_killed_batch_left(tmp_path: Path):
     assert shadow.has(kept) and not (shadow.root / ".diff-killed").exists()
 
 
+@pytest.mark.parametrize("damage", [b"", b"\0" * 13, b"a = 1\n"])
+def test_a_shadow_copy_a_power_cut_damaged_is_dropped_not_diffed_against(detector, store, watched: Path, caplog,
+                                                                         damage: bytes):
+    """An unsynced copy can come back empty, as zeros or cut short: it is never a diff's old side."""
+    f = watched / "app.py"
+    f.write_text("a = 1\nb = 2\n")
+    created = record(detector, store, f, watched)
+    blob = detector.shadow.path(created.new_sha)
+    blob.write_bytes(damage)
+    f.write_text("a = 1\nb = 3\n")
+    with caplog.at_level("WARNING", logger="self_mutation_watcher.diff_engine"):
+        changed = record(detector, store, f, watched)
+    assert changed.kind == "modified" and changed.meta.get("previous_unknown") is True
+    assert "-b = 2" not in changed.diff and "+b = 3" in changed.diff       # not a diff against the damage
+    assert [r.path for r in caplog.records if "damaged" in r.getMessage()] == [str(blob)]
+    assert not blob.exists()
+    f.write_text("a = 1\nb = 2\n")                                       # back to the damaged copy's content
+    record(detector, store, f, watched)
+    assert blob.read_bytes() == b"a = 1\nb = 2\n" and detector.shadow.has(created.new_sha)
+
+
+def test_only_redacted_shadow_copies_are_fsynced(detector, store, watched: Path, monkeypatch):
+    """A verbatim copy is its own checksum (checked when read); a redacted one cannot be, so it
+    is made durable before it gets its name, and is trusted when read."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    plain, secret = watched / "plain.py", watched / "secret.py"
+    plain.write_text("limit = 3\n")
+    record(detector, store, plain, watched)
+    assert synced == []
+    secret.write_text('token = "ghp_' + "a" * 36 + '"\nlimit = 3\n')
+    created = record(detector, store, secret, watched)
+    assert len(synced) == 1 and b"[REDACTED:" in detector.shadow.path(created.new_sha).read_bytes()
+    secret.write_text('token = "ghp_' + "a" * 36 + '"\nlimit = 4\n')
+    changed = record(detector, store, secret, watched)
+    assert "previous_unknown" not in changed.meta and "-limit = 3" in changed.diff and "+limit = 4" in changed.diff
+
+
 def test_created_modified_deleted_lifecycle(detector, store, watched: Path):
     f = watched / "app.py"
     f.write_text("def main():\n    pass\n")
