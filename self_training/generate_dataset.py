@@ -18,7 +18,7 @@ in DESIGN.md's row contract:
 
 A code change is a created/modified/moved/deleted event with a diff (not Gremlin's own
 write) or a commit. The builders are pure: records in, pairs out. `clean_pairs` strips
-issue numbers, drops trivial pairs and duplicates; `split_chronologically` holds out the
+issue numbers, drops trivial pairs, duplicates and queries several outputs share; `split_chronologically` holds out the
 newest pairs. `build_dataset` reads the store, writes `auto_generated.jsonl` (train) and
 `heldout.jsonl` atomically, and records their sha256 in a manifest beside them.
 """
@@ -26,6 +26,7 @@ newest pairs. `build_dataset` reads the store, writes `auto_generated.jsonl` (tr
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import hashlib
 import json
@@ -311,7 +312,11 @@ def _order(pair: Pair) -> tuple:
 
 
 def clean_pairs(pairs: Sequence[Pair]) -> list[Pair]:
-    """Oldest first: issue numbers stripped from queries, trivial pairs and duplicates dropped."""
+    """Oldest first: issue numbers stripped from queries; trivial pairs, duplicates and
+    ambiguous queries dropped. A query several different outputs share ("bump version, merge
+    from tqdm/devel" 42 times, "[pre-commit.ci] pre-commit autoupdate" 19) names none of them:
+    as a training pair it pulls one text toward unrelated diffs, and held out it is a question
+    with one right answer among look-alikes that no model can pick."""
     seen: set[tuple[str, str]] = set()
     kept = []
     for pair in sorted(pairs, key=_order):
@@ -321,7 +326,8 @@ def clean_pairs(pairs: Sequence[Pair]) -> list[Pair]:
             continue
         seen.add(key)
         kept.append(pair)
-    return kept
+    answers = collections.Counter(pair.input for pair in kept)  # duplicates are gone: one per output
+    return [pair for pair in kept if answers[pair.input] == 1]
 
 
 def split_chronologically(pairs: Sequence[Pair], heldout_fraction: float,

@@ -108,7 +108,7 @@ def git_repo(path: Path) -> Path:
     subprocess.run(["git", "-C", str(path), "init", "-q"], env=env, check=True, timeout=30)
     commits = [("Add a loader for settings files (#3)", "load.py", "def load():\n    return {}\n"),
                ("Fix", "load.py", "def load():\n    return {'a': 1}\n"),
-               ("Add a loader for settings files (#3)", "load.py", "def load():\n    return {}\n")]
+               ("Put the settings loader back as it was (#5)", "load.py", "def load():\n    return {}\n")]
     for day, (message, name, text) in enumerate(commits, start=1):
         (path / name).write_text(text)
         date = f"2024-05-0{day}T12:00:00Z"
@@ -121,8 +121,9 @@ def git_repo(path: Path) -> Path:
 def test_commit_pairs_from_a_replayed_repository(store: Store, settings, tmp_path: Path):
     replay_repository(store, settings, git_repo(tmp_path / "repo"))
     found = pairs_of(store, settings)
-    # "Fix" is too short a query; the third commit repeats the first message with a new diff
-    assert [(r["source"], r["input"]) for r in found] == [("commit", "Add a loader for settings files")] * 2
+    # "Fix" is too short a query; issue numbers are stripped
+    assert [(r["source"], r["input"]) for r in found] == [("commit", "Add a loader for settings files"),
+                                                          ("commit", "Put the settings loader back as it was")]
     assert found[0]["output"].startswith("diff --git a/load.py b/load.py") and "+def load():" in found[0]["output"]
     assert found[0]["time"] == "2024-05-01T12:00:00.000+00:00"
 
@@ -142,6 +143,17 @@ def test_clean_pairs_dedupes_drops_trivial_and_strips_issue_numbers():
     ])
     assert [(p.input, p.time) for p in kept] == [("shell task: pytest failed", at(0)),
                                                  ("Handle a missing settings file", at(1))]
+
+
+def test_a_query_several_different_diffs_share_is_dropped_everywhere():
+    """"bump version, merge from devel" names none of its diffs: not a training pair, not a
+    held-out question (one relevant answer among look-alikes)."""
+    bumps = [pair("bump version, merge from tqdm/devel", FIX + f"+__version__ = '4.{i}'\n", seconds=i, ids=(i,))
+             for i in range(3)]
+    same = [pair("pin the parser version again", FIX, seconds=10 + i, ids=(10 + i,)) for i in range(2)]
+    kept = clean_pairs([*bumps, *same, pair("handle a missing settings file", seconds=20, ids=(20,))])
+    assert [p.input for p in kept] == ["pin the parser version again", "handle a missing settings file"]
+    assert kept[0].event_ids == (10,)                  # the same pair twice is one pair, not an ambiguous query
 
 
 def test_split_holds_out_the_newest_and_never_leaks():
