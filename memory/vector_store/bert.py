@@ -162,7 +162,7 @@ def read_safetensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor
     with open(path, "rb") as handle:
         try:
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        except ValueError as exc:  # an empty file
+        except (ValueError, OSError) as exc:  # an empty file, a file system that cannot map
             raise UnsupportedPipeline(f"{path.name}: {exc}") from exc
     try:
         (size,) = struct.unpack("<Q", data[:8])
