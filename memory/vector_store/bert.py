@@ -83,6 +83,27 @@ def read_config(transformer_dir: Path) -> BertConfig:
     return bert
 
 
+class _Linear(nn.Linear):
+    """nn.Linear whose weights come from the file: no random initialisation to throw away."""
+
+    def reset_parameters(self) -> None:
+        """Nothing: `load_bert` assigns the file's weights."""
+
+
+class _Embedding(nn.Embedding):
+    """nn.Embedding whose table comes from the file."""
+
+    def reset_parameters(self) -> None:
+        """Nothing: `load_bert` assigns the file's weights."""
+
+
+class _LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose scale and shift come from the file."""
+
+    def reset_parameters(self) -> None:
+        """Nothing: `load_bert` assigns the file's weights."""
+
+
 class Layer(nn.Module):
     """One transformer layer, named as transformers' BertLayer names its parts."""
 
@@ -90,11 +111,11 @@ class Layer(nn.Module):
         super().__init__()
         h = config.hidden_size
         self.attention = nn.ModuleDict({
-            "self": nn.ModuleDict({name: nn.Linear(h, h) for name in ("query", "key", "value")}),
-            "output": nn.ModuleDict({"dense": nn.Linear(h, h), "LayerNorm": nn.LayerNorm(h, eps=config.eps)})})
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(h, config.intermediate_size)})
-        self.output = nn.ModuleDict({"dense": nn.Linear(config.intermediate_size, h),
-                                     "LayerNorm": nn.LayerNorm(h, eps=config.eps)})
+            "self": nn.ModuleDict({name: _Linear(h, h) for name in ("query", "key", "value")}),
+            "output": nn.ModuleDict({"dense": _Linear(h, h), "LayerNorm": _LayerNorm(h, eps=config.eps)})})
+        self.intermediate = nn.ModuleDict({"dense": _Linear(h, config.intermediate_size)})
+        self.output = nn.ModuleDict({"dense": _Linear(config.intermediate_size, h),
+                                     "LayerNorm": _LayerNorm(h, eps=config.eps)})
         self.heads, self.act = config.heads, ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -118,10 +139,10 @@ class BertEncoder(nn.Module):
         h = config.hidden_size
         self.config = SimpleNamespace(hidden_size=h)  # what LeanEncoder reads
         self.embeddings = nn.ModuleDict({
-            "word_embeddings": nn.Embedding(config.vocab_size, h),
-            "position_embeddings": nn.Embedding(config.max_positions, h),
-            "token_type_embeddings": nn.Embedding(config.type_vocab_size, h),
-            "LayerNorm": nn.LayerNorm(h, eps=config.eps)})
+            "word_embeddings": _Embedding(config.vocab_size, h),
+            "position_embeddings": _Embedding(config.max_positions, h),
+            "token_type_embeddings": _Embedding(config.type_vocab_size, h),
+            "LayerNorm": _LayerNorm(h, eps=config.eps)})
         self.encoder = nn.ModuleDict({"layer": nn.ModuleList(Layer(config) for _ in range(config.layers))})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -143,7 +164,7 @@ class BertEncoder(nn.Module):
 def load_bert(pipeline: Pipeline) -> BertEncoder:
     """The pipeline's BERT in eval mode, float32 on the CPU, its weights mapped from model.safetensors."""
     config = read_config(pipeline.transformer_dir)
-    model = BertEncoder(config)  # initialised, then given the file's weights (meta tensors import torch._dynamo)
+    model = BertEncoder(config)  # uninitialised (not on the meta device: that imports torch._dynamo)
     wanted = model.state_dict()
     tensors = read_safetensors(pipeline.transformer_dir / WEIGHTS, wanted)
     shapes = [n for n, t in wanted.items() if tuple(tensors[n].shape) != tuple(t.shape)]
