@@ -85,6 +85,7 @@ class RepoResult:
     metrics: dict[str, dict[str, float]]
     train: dict
     gate: dict
+    reciprocal: dict[str, list[float]]  # per test query, tuned and base: the gain's bootstrap input
 
 
 # -- pairs ---------------------------------------------------------------------------------
@@ -206,20 +207,22 @@ def measure_repo(repo: Path, args: argparse.Namespace, workdir: Path) -> RepoRes
     training = {"seconds": result.seconds, "pairs_per_s": result.pairs_per_s, "steps": result.steps,
                 "device": result.device, "precision": result.precision, "train_loss": result.train_loss,
                 "other_cores_busy": round(other, 2), "spec": spec.to_dict()}
-    interval = gain_interval(reciprocal_ranks(rankings["tuned"], tuned_test.relevant),
-                             reciprocal_ranks(rankings["base"], tuned_test.relevant), args.seed)
+    reciprocal = {m: reciprocal_ranks(rankings[m], tuned_test.relevant) for m in ("tuned", "base")}
+    interval = gain_interval([reciprocal["tuned"] - reciprocal["base"]], args.seed)
     return RepoResult(str(repo), commits, len(train), len(reported), len(validation), corpus, weights, metrics,
-                      training, {**gate(metrics), "gain_95ci": interval})
+                      training, {**gate(metrics), "gain_95ci": interval},
+                      {m: [round(float(x), 6) for x in r] for m, r in reciprocal.items()})
 
 
-def gain_interval(tuned: np.ndarray, base: np.ndarray, seed: int, draws: int = 2000) -> tuple[float, float]:
-    """95 % paired bootstrap interval of mean(tuned) − mean(base) over the test queries: how far
-    a test half of a few dozen queries pins the gain down."""
-    differences = tuned - base
-    if not len(differences):
+def gain_interval(differences: list[np.ndarray], seed: int, draws: int = 2000) -> tuple[float, float]:
+    """95 % paired bootstrap interval of the mean gain (tuned − base per test query) over
+    repositories weighted equally, resampling each one's queries on its own (one repository:
+    how far a test half of a few dozen queries pins its gain down)."""
+    differences = [d for d in differences if len(d)]
+    if not differences:
         return 0.0, 0.0
-    picks = np.random.default_rng(seed).integers(0, len(differences), size=(draws, len(differences)))
-    means = differences[picks].mean(axis=1)
+    rng = np.random.default_rng(seed)
+    means = np.mean([d[rng.integers(0, len(d), size=(draws, len(d)))].mean(axis=1) for d in differences], axis=0)
     return round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)
 
 
@@ -264,6 +267,7 @@ def report(results: list[RepoResult], args: argparse.Namespace, seconds: float) 
             ("hybrid (tuned, calibrated) beats tuned and BM25", "yes" if g["hybrid_beats_both"] else "no"),
         ], ("what", "value"))
         warn_if_disturbed(t["other_cores_busy"])
+    summary(results, args.seed)
     console.print(f"{machine()}; total {seconds:.0f} s; command: {' '.join(sys.argv)}", highlight=False)
     passed = [_name(Path(r.repo)) for r in results if r.gate["passed"]]
     if args.json_out:
@@ -272,6 +276,26 @@ def report(results: list[RepoResult], args: argparse.Namespace, seconds: float) 
                                              "command": sys.argv}, indent=2) + "\n")
     return verdict(len(passed) >= MIN_REPOS, f"target met on {len(passed)} of {len(results)} repositories "
                    f"({', '.join(passed) or 'none'}); needed on at least {MIN_REPOS}")
+
+
+def summary(results: list[RepoResult], seed: int) -> None:
+    """One row per repository and the mean gain over all of them, with its 95 % interval."""
+    rows = []
+    for r in results:
+        mrr = {m: r.metrics[m]["mrr@10"] for m in METHODS}
+        low, high = r.gate["gain_95ci"]
+        rows.append((_name(Path(r.repo)), r.train_pairs, r.test_pairs, f"{mrr['bm25']:.3f}", f"{mrr['base']:.3f}",
+                     f"{mrr['tuned']:.3f} ({mrr['tuned'] - mrr['base']:+.3f})", f"{low:+.3f} … {high:+.3f}",
+                     f"{mrr['hybrid_tuned_calibrated']:.3f} ({r.weights['tuned']:.2f})",
+                     "yes" if mrr["hybrid_tuned_calibrated"] >= max(mrr["tuned"], mrr["bm25"]) else "no"))
+    if len(results) > 1:
+        gains = [np.array(r.reciprocal["tuned"]) - np.array(r.reciprocal["base"]) for r in results]
+        low, high = gain_interval(gains, seed)
+        rows.append((f"mean of {len(results)}", "", sum(r.test_pairs for r in results), "", "",
+                     f"({np.mean([g.mean() for g in gains if len(g)]):+.3f})", f"{low:+.3f} … {high:+.3f}", "", ""))
+    print_table("all repositories: MRR@10 of the newer test half", rows,
+                ("repository", "train pairs", "queries", "BM25", "base", "tuned (gain)", "gain 95 % interval",
+                 "hybrid calibrated (w)", "hybrid ≥ better part"))
 
 
 def parse_args() -> argparse.Namespace:
