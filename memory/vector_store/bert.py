@@ -252,7 +252,7 @@ def load_bert_tokenizer(pipeline: Pipeline) -> BertTokenizer:
     from tokenizers import Tokenizer
 
     folder = pipeline.transformer_dir
-    settings = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    settings = read_json(folder / "tokenizer_config.json", optional=True)
     if not isinstance(settings, dict) or settings.get("tokenizer_class") not in _TOKENIZER_CLASSES:
         raise UnsupportedPipeline(f"tokenizer class {settings.get('tokenizer_class') if isinstance(settings, dict) else None}")
     if any(settings.get(side, "right") != "right" for side in ("padding_side", "truncation_side")):

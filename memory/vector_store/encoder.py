@@ -57,8 +57,11 @@ class Pipeline:
     do_lower_case: bool
 
 
-def read_json(path: Path) -> dict | list:
-    """The JSON in `path`; UnsupportedPipeline when it is missing or unreadable."""
+def read_json(path: Path, optional: bool = False) -> dict | list:
+    """The JSON in `path` ({} when `optional` and there is no such file); UnsupportedPipeline
+    when it is missing or unreadable."""
+    if optional and not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf8"))
     except (OSError, ValueError) as exc:
@@ -101,7 +104,7 @@ def read_pipeline(folder: Path) -> Pipeline:
 def _read_sbert_config(transformer_dir: Path) -> dict:
     """sentence_bert_config.json ({} when absent); UnsupportedPipeline for settings not mirrored here."""
     path = transformer_dir / "sentence_bert_config.json"
-    config = read_json(path) if path.is_file() else {}
+    config = read_json(path, optional=True)
     if not isinstance(config, dict):
         raise UnsupportedPipeline("sentence_bert_config.json is not an object")
     extra = sorted(key for key, value in config.items() if key not in _HARMLESS_SBERT_KEYS and value)
@@ -127,7 +130,7 @@ def _check_model_config(transformer_dir: Path) -> None:
 def _check_prompts(folder: Path) -> None:
     """UnsupportedPipeline when encode() would prepend a default prompt or the model is not a SentenceTransformer."""
     path = folder / "config_sentence_transformers.json"
-    config = read_json(path) if path.is_file() else {}
+    config = read_json(path, optional=True)
     if not isinstance(config, dict) or config.get("model_type", "SentenceTransformer") != "SentenceTransformer":
         raise UnsupportedPipeline("config_sentence_transformers.json is not a SentenceTransformer's")
     name = config.get("default_prompt_name")
@@ -137,7 +140,7 @@ def _check_prompts(folder: Path) -> None:
 
 def _check_normalize(path: Path) -> None:
     """UnsupportedPipeline when the Normalize module works on anything but the sentence embedding."""
-    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    config = read_json(path / "config.json", optional=True)
     if not isinstance(config, dict) or config.get("module_input_name", "sentence_embedding") != "sentence_embedding" \
             or config.get("module_output_name", "sentence_embedding") != "sentence_embedding":
         raise UnsupportedPipeline("Normalize does not act on the sentence embedding")
