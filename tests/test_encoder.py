@@ -203,34 +203,59 @@ def test_unreadable_or_incomplete_weights_are_unsupported_not_a_crash(tmp_path: 
         read_safetensors(BASE / "model.safetensors", ["encoder.layer.9.output.dense.weight"])
 
 
-def test_the_tokenizer_is_safe_to_share_between_threads():
-    """Token counting (the watcher) and padded batches (the embed worker) at once: the backend's
-    truncation and padding settings are per call."""
+def _count_while_padding(count, tokenizer, rounds: int = 150) -> list[str]:
+    """Run `count` (token counts of the texts, truncated to 32) on one thread and padded batches
+    of the texts through `tokenizer` on another, as the watcher and the embed worker do; what
+    came out wrong (an exception in either counts as wrong)."""
     import torch
 
-    tokenizer = load_serving_model(BASE, "cpu", 32).tokenizer
     texts = TEXTS * 20
-    counts = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=32)["input_ids"]]
+    counts = count(texts)
     padded = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")["input_ids"]
     wrong: list[str] = []
 
-    def count() -> None:
-        for _ in range(150):
-            if [len(ids) for ids in tokenizer(texts, truncation=True, max_length=32)["input_ids"]] != counts:
-                wrong.append("counts")
+    def counting() -> None:
+        for _ in range(rounds):
+            try:
+                wrong.extend(["counts"] if count(texts) != counts else [])
+            except Exception as exc:  # noqa: BLE001 - a race shows up as any error
+                wrong.append(f"counts: {exc}")
 
-    def pad() -> None:
-        for _ in range(150):
-            if not torch.equal(tokenizer(texts, padding=True, truncation=True, max_length=16,
-                                         return_tensors="pt")["input_ids"], padded):
-                wrong.append("padded")
+    def padding() -> None:
+        for _ in range(rounds):
+            try:
+                batch = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+                wrong.extend([] if torch.equal(batch["input_ids"], padded) else ["padded"])
+            except Exception as exc:  # noqa: BLE001
+                wrong.append(f"padded: {exc}")
 
-    threads = [threading.Thread(target=work) for work in (count, pad)]
+    threads = [threading.Thread(target=work) for work in (counting, padding)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert wrong == []
+    return wrong
+
+
+def test_the_tokenizer_is_safe_to_share_between_threads():
+    """Token counting and padded batches on one BertTokenizer at once: the backend's truncation
+    and padding settings are per call."""
+    tokenizer = load_serving_model(BASE, "cpu", 32).tokenizer
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=32)["input_ids"]]
+
+    assert _count_while_padding(count, tokenizer) == []
+
+
+@pytest.mark.parametrize("served", ["bert", "transformers"])
+def test_counting_tokens_never_disturbs_a_batch_being_encoded(tmp_path: Path, served: str):
+    """The watcher counts tokens (Embedder.token_counts) while the embed worker tokenizes a padded
+    batch, with either tokenizer: transformers' keeps truncation and padding in its backend too."""
+    folder = BASE if served == "bert" else variant(tmp_path, "cased", tokenizer={"do_lower_case": False})
+    embedder = Embedder(folder, "cpu", 0, 32)
+    assert isinstance(embedder.model.tokenizer, BertTokenizer) == (served == "bert")
+    assert _count_while_padding(embedder.token_counts, embedder.model.tokenizer) == []
 
 
 def test_a_dense_module_falls_back_to_sentence_transformers(tmp_path: Path, full, caplog):

@@ -18,6 +18,7 @@ weights, a tokenizer configuration that transformers would rebuild differently.
 
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 import struct
@@ -220,6 +221,10 @@ class BertTokenizer:
         self.pad_id, self.pad_token = pad_id, pad_token
         self.is_fast = True
         self._lock = threading.Lock()  # truncation and padding are settings of the shared backend
+
+    def __deepcopy__(self, memo: dict) -> BertTokenizer:
+        """An independent tokenizer: its own backend (so its own settings) and its own lock."""
+        return BertTokenizer(copy.deepcopy(self.backend_tokenizer, memo), self.pad_id, self.pad_token)
 
     def __call__(self, texts: list[str], padding: bool = False, truncation: bool | str = False,
                  max_length: int | None = None, return_tensors: str | None = None) -> dict:

@@ -10,6 +10,7 @@ training always uses (`load_sentence_model`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -225,6 +226,7 @@ class Embedder:
         self.requested_batch_size = batch_size
         self.max_seq_length = max_seq_length
         self._model = None
+        self._counter = None  # the tokenizer token_counts uses (see _counting_tokenizer)
         self._load_lock = threading.Lock()
 
     @classmethod
@@ -273,8 +275,19 @@ class Embedder:
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """How many tokens the model sees of each text (special tokens included, truncated)."""
-        ids = self.model.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
+        ids = self._counting_tokenizer()(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
         return [len(row) for row in ids]
+
+    def _counting_tokenizer(self):
+        """A copy of the model's tokenizer, for counting only: a fast tokenizer keeps truncation and
+        padding as settings of its backend, so counting (the watcher's thread) on the one that
+        encodes (the embed worker's) could unpad a batch mid-call."""
+        if self._counter is None:
+            tokenizer = self.model.tokenizer
+            with self._load_lock:
+                if self._counter is None:
+                    self._counter = copy.deepcopy(tokenizer)
+        return self._counter
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised float32 vectors of `texts`, shape (len(texts), dim)."""
